@@ -1,0 +1,99 @@
+"""Architectures shared by the methods, so that methods differ only in how they learn.
+
+`ImageBranch` is the NoProp paper's image encoder (Li, Teh, Pascanu 2025, Fig. 5): three
+*unpadded* 3x3 convolutions (32, 64, 128 channels) with ReLU and dropout 0.2, 2x2 max-pooling
+after the first and third, then a fully connected layer to 256 features and BatchNorm, with no
+activation at the end. Unpadded convolutions are what reproduces the paper's Table 5 parameter
+counts exactly (a one-hot MNIST block has 919,946 parameters).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def conv_output_hw(height: int, width: int) -> tuple[int, int]:
+    """Spatial size after the image branch's conv/pool stack (unpadded 3x3, floor pooling)."""
+    for pool in (True, False, True):
+        height, width = height - 2, width - 2
+        if pool:
+            height, width = height // 2, width // 2
+    return height, width
+
+
+class ImageBranch(nn.Module):
+    """The paper's image encoder: (C, H, W) images -> `features` features (default 256)."""
+
+    def __init__(self, input_shape: tuple[int, ...], features: int = 256, dropout: float = 0.2):
+        super().__init__()
+        channels, height, width = input_shape
+        out_h, out_w = conv_output_hw(height, width)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"input {input_shape} is too small for the paper CNN (needs >= 14x14)")
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(64, 128, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(128 * out_h * out_w, features),
+            nn.BatchNorm1d(features),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """Image branch + ReLU + linear head: the plain classifier built on the paper's CNN.
+
+    The ReLU is ours: the branch ends in BatchNorm with no activation (in NoProp it feeds a
+    further MLP head), and a linear layer straight after it would add no capacity.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.features = ImageBranch(input_shape, dropout=dropout)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(256, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """Flatten, then `depth` hidden layers of `width` ReLU units, then a linear output layer.
+
+    `layers` holds only the nn.Linear modules, in order, so layer-local methods (forward
+    gradient with activity perturbation, target propagation) can address each layer.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2):
+        super().__init__()
+        sizes = [math.prod(input_shape)] + [width] * depth + [num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = h.relu()
+        return h
+
+
+def build_net(arch: str, input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2) -> nn.Module:
+    """The classifier named by a method's `arch` hyperparameter (`cnn` or `mlp`)."""
+    if arch == "cnn":
+        return CNN(input_shape, num_classes)
+    if arch == "mlp":
+        return MLP(input_shape, num_classes, width=width, depth=depth)
+    raise ValueError(f"unknown arch {arch!r}; use cnn or mlp")

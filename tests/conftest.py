@@ -1,0 +1,26 @@
+"""Shared fixtures: small tasks built in-process, so no test needs downloaded data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.data import make_separable
+from methods import Method, Task, all_methods
+
+METHODS = list(all_methods())
+
+
+def make_method(name: str, seed: int = 0, shape=(1, 16, 16), num_classes: int = 4, **overrides) -> Method:
+    """A method on a small task with its `quick` preset plus `overrides`."""
+    cls = all_methods()[name]
+    torch.manual_seed(seed)
+    data = make_separable(64, 0, num_classes, shape, seed=seed)
+    task = Task(shape, num_classes, torch.device("cpu"), seed, train_sample=(data[0], data[1]))
+    return cls(task, cls.config_for("quick", overrides))
+
+
+@pytest.fixture(scope="session")
+def separable():
+    """(train_x, train_y, test_x, test_y): 4 classes of 1x16x16 noisy templates."""
+    return make_separable(n_train=512, n_test=256, num_classes=4, shape=(1, 16, 16), seed=1)

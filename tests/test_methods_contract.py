@@ -1,0 +1,97 @@
+"""The contract every registered method must honour; new methods are checked automatically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods import Method
+from tests.conftest import METHODS, make_method
+
+
+def train(method: Method, x, y, steps: int, batch: int = 32, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    logs = []
+    method.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        logs.append({k: float(v) for k, v in method.train_step(x[idx], y[idx]).items()})
+    return logs
+
+
+def accuracy(method: Method, x, y) -> float:
+    method.eval()
+    return (method.predict(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declares_itself(name):
+    cls = make_method(name).__class__
+    assert cls.name == name and cls.family and cls.description
+    assert "default" in cls.presets and "quick" in cls.presets
+    for preset in cls.presets:
+        cls.config_for(preset)  # every preset is valid
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_steps_give_finite_losses_and_scores_of_right_shape(name, separable):
+    x, y, tx, ty = separable
+    method = make_method(name)
+    logs = train(method, x, y, steps=3)
+    assert all("loss" in log for log in logs)
+    assert all(torch.isfinite(torch.tensor(list(log.values()))).all() for log in logs)
+    method.eval()
+    scores = method.predict(tx[:10])
+    assert scores.shape == (10, 4)
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_round_trips(name, separable):
+    x, y, tx, ty = separable
+    a = make_method(name, seed=0)
+    train(a, x, y, steps=2)
+    b = make_method(name, seed=1)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m.eval()
+    torch.manual_seed(5)
+    pa = a.predict(tx[:16])
+    torch.manual_seed(5)
+    pb = b.predict(tx[:16])
+    assert torch.equal(pa, pb)
+    # The optimiser state travels too: one more identical step keeps them identical.
+    torch.manual_seed(6)
+    train(a, x, y, steps=1, seed=3)
+    torch.manual_seed(6)
+    train(b, x, y, steps=1, seed=3)
+    for m in (a, b):
+        m.eval()
+    torch.manual_seed(5)
+    pa = a.predict(tx[:16])
+    torch.manual_seed(5)
+    assert torch.equal(pa, b.predict(tx[:16]))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_seeded_runs_repeat_exactly(name, separable):
+    x, y, tx, ty = separable
+    runs = []
+    for _ in range(2):
+        method = make_method(name, seed=3)
+        logs = train(method, x, y, steps=3)
+        method.eval()
+        torch.manual_seed(0)
+        runs.append((logs, method.predict(tx[:16])))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_learns_a_separable_task(name, separable):
+    x, y, tx, ty = separable
+    method = make_method(name)
+    before = accuracy(method, tx, ty)
+    train(method, x, y, steps=150)
+    after = accuracy(method, tx, ty)
+    assert after >= 0.9, f"{name}: test accuracy {after:.3f} (was {before:.3f} before training)"
