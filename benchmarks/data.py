@@ -72,7 +72,7 @@ MEAN_STD = {
 def _standardise(images_uint8: np.ndarray, stats: str) -> Tensor:
     """uint8 (N, C, H, W) -> float32 standardised per channel."""
     mean, std = MEAN_STD[stats]
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).float().div_(255.0)
+    x = torch.from_numpy(np.array(images_uint8, copy=True)).float().div_(255.0)
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
     return (x - mean_t) / std_t

@@ -13,7 +13,7 @@ def train(method: Method, x, y, steps: int, batch: int = 32, seed: int = 0) -> l
     gen = torch.Generator().manual_seed(seed)
     logs = []
     method.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         logs.append({k: float(v) for k, v in method.train_step(x[idx], y[idx]).items()})
     return logs

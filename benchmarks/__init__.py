@@ -1,0 +1,1 @@
+"""How methods are measured: datasets, the harness, suites, the `bpfree` CLI, asv benchmarks."""

@@ -1,0 +1,215 @@
+"""The `bpfree` command line: list, run, report.
+
+Every user mistake ends in one line on stderr naming the problem and the fix, and exit code 2;
+tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.data import DATASETS, load_dataset
+from benchmarks.harness import Budget, Unit, resolve_device, run_units
+from benchmarks.records import merge_run, write_json
+from benchmarks.suites import SUITES
+from methods import ConfigError, all_methods, get_method
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    print("methods:")
+    for name, cls in all_methods().items():
+        print(f"  {name:<16} {cls.family:<18} {cls.description}")
+        print(f"  {'':<16} presets: {', '.join(cls.presets)}")
+    print("datasets:")
+    for name, info in DATASETS.items():
+        print(f"  {name:<16} {info.description}")
+    print("suites:")
+    for name, suite in SUITES.items():
+        print(f"  {name:<16} {suite.description}")
+
+
+def parse_sets(pairs: list[str], methods: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """`--set` pairs -> (preset override or {}, per-method overrides).
+
+    `key=value` applies to every selected method that has `key`; `method.key=value` to one.
+    `preset=NAME` picks a preset for all methods.
+    """
+    preset: dict[str, str] = {}
+    per_method: dict[str, dict[str, str]] = {m: {} for m in methods}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        if key == "preset":
+            preset["preset"] = value
+            continue
+        target, _, field = key.rpartition(".")
+        if target:
+            if target not in per_method:
+                raise ConfigError(f"--set {pair}: method {target!r} is not in this run ({', '.join(methods)})")
+            per_method[target][field] = value
+            continue
+        takers = [m for m in methods if field in get_method(m).Config.__dataclass_fields__]
+        if not takers:
+            raise ConfigError(f"--set {pair}: no selected method has a hyperparameter {field!r} "
+                              f"(see `bpfree list` and docs/)")
+        for m in takers:
+            per_method[m][field] = value
+    return preset, per_method
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Everything a reader needs to judge a number: versions, device, threads, date."""
+    return {
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    suite = SUITES.get(args.suite or "quick")
+    if suite is None:
+        raise ConfigError(f"unknown suite {args.suite!r}; known: {', '.join(SUITES)}")
+    methods = args.methods.split(",") if args.methods else list(suite.methods or all_methods())
+    for name in methods:
+        get_method(name)
+    dataset = args.dataset or suite.dataset
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    epochs = args.epochs if args.epochs is not None else suite.epochs
+    batch_size = args.batch_size if args.batch_size is not None else suite.batch_size
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be >= 1")
+    preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
+    preset = preset_set.get("preset", suite.preset)
+    units = [
+        Unit(m, dataset, seed, preset, tuple(sorted(per_method[m].items())))
+        for m in methods
+        for seed in seeds
+    ]
+    for unit in units:
+        unit.config()  # every hyperparameter is checked before anything runs
+    device = resolve_device(args.device)
+    budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
+                    target_accuracy=args.target_acc)
+
+    spec = {"methods": methods, "dataset": dataset, "seeds": seeds, "preset": preset,
+            "sets": sorted(p for group in args.set for p in group), "epochs": epochs,
+            "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
+            "target_acc": args.target_acc}
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = Path(args.out) if args.out else Path("results/runs") / f"{args.suite or 'quick'}-{dataset}-{digest}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {run_dir} ({exc.strerror}); pass a writable --out DIR") from None
+
+    data = load_dataset(dataset, args.data_dir, args.download, args.val_fraction)
+    meta_path = run_dir / "meta.json"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
+        "command": "bpfree " + " ".join(sys.argv[1:]), "spec": spec, "started": now, "resumed": [],
+        **environment(device)}
+    if meta["started"] != now:
+        meta["resumed"].append(now)
+    write_json(meta_path, meta)
+
+    print(f"bpfree: {len(units)} unit(s) -> {run_dir}", file=sys.stderr)
+    run_units(units, {dataset: data}, budget, run_dir, progress=sys.stderr.isatty())
+    records, summary = merge_run(run_dir)
+    from reports.report import write_report
+
+    report_path, text = write_report([run_dir])
+    print(text)
+    print(f"records: {run_dir / 'records.csv'}\nsummary: {run_dir / 'summary.csv'}\nreport:  {report_path}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from reports.report import write_report
+
+    path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
+    print(text)
+    print(f"report: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="registered methods, datasets and suites").set_defaults(fn=cmd_list)
+
+    run = sub.add_parser("run", help="train and measure methods (default: the quick suite)")
+    run.add_argument("--suite", help=f"named suite ({', '.join(SUITES)}); default quick")
+    run.add_argument("--methods", help="comma-separated method names (default: the suite's)")
+    run.add_argument("--dataset", help="dataset name (default: the suite's)")
+    run.add_argument("--epochs", type=int)
+    run.add_argument("--seeds", help="comma-separated integers, e.g. 0,1,2")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--data-dir", help="folder holding the dataset's files")
+    run.add_argument("--download", action="store_true", help="download the dataset into --data-dir")
+    run.add_argument("--out", help="run folder (default results/runs/<suite>-<dataset>-<hash>)")
+    run.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                     help="hyperparameter overrides: key=value, method.key=value, preset=NAME")
+    run.add_argument("--val-fraction", type=float, default=0.0,
+                     help="carve a stratified validation split of this fraction from train")
+    run.add_argument("--target-acc", type=float, help="accuracy for time-to-target (default per dataset)")
+    run.set_defaults(fn=cmd_run)
+
+    report = sub.add_parser("report", help="tables and plots from run folders")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    report.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as exc:
+        print(f"bpfree: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Turn run records into tables and figures."""
