@@ -1,35 +1,105 @@
-"""`bpfree report`: read one or more run folders and write the comparison report."""
+"""`bpfree report`: read one or more run folders and write the comparison report.
+
+Output (in `out_dir`, by default `RUN_DIR/report/` for a single run):
+    report.md      GitHub-renderable, with the plots beside it as <plot>.png
+    index.html     one self-contained page (style and plots inline, no network)
+    tables.tex     booktabs tables for a paper
+    accuracy.csv, cost.csv, published_comparison.csv   the aggregated tables as numbers
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.records import collect
+from benchmarks.records import atomic_write, write_csv, write_text
 from methods import ConfigError
-from reports.tables import summary_table, to_markdown
+from reports import display, plots, provenance, render
+from reports.load import load_runs
+from reports.published import compare, read_published
+from reports.tables import accuracy_table, assign_variants, cost_table, failures
+
+FORMATS = ("md", "html", "tex", "csv")
 
 
-def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merged (records, summary) of several run folders; a clear error for a bad folder."""
-    records, summaries = [], []
-    for run_dir in run_dirs:
-        if not (run_dir / "units").is_dir():
-            raise ConfigError(f"{run_dir} is not a bpfree run folder (no units/ inside); "
-                              f"pass a folder written by `bpfree run`")
-        rec, summary = collect(run_dir)
-        records.append(rec)
-        summaries.append(summary)
-    return pd.concat(records, ignore_index=True), pd.concat(summaries, ignore_index=True)
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`md,html` -> ('md', 'html'); unknown names are a user mistake."""
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--formats {text!r}: choose from {','.join(FORMATS)} (comma-separated)")
+    return formats
 
 
-def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> tuple[Path, str]:
-    """Write report.md; returns its path and its text."""
-    _, summary = load_runs(run_dirs)
-    out_dir = out_dir or run_dirs[0] / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = "# bpfree report\n\n" + to_markdown(summary_table(summary))
-    path = out_dir / "report.md"
-    path.write_text(text)
-    return path, text
+def _bpfree_version() -> str:
+    try:
+        return version("bpfree")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame], pd.DataFrame,
+                                         pd.DataFrame]:
+    """The report's document, its CSV frames, and the records and summary the plots draw."""
+    runs = load_runs(run_dirs)
+    summary = assign_variants(runs.summary)
+    records = runs.records
+    if len(records):
+        records = records.merge(summary[["run", "unit", "variant"]], on=["run", "unit"], how="inner")
+    acc, cost = accuracy_table(summary), cost_table(summary)
+    ours = acc.merge(cost.drop(columns=["method", "n"]), on=["dataset", "variant"])
+    comparison, absent = compare(ours, read_published())
+    datasets = sorted(set(summary["dataset"]))
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    intro = (f"Generated {now} by bpfree {_bpfree_version()} from {len(run_dirs)} run "
+             f"folder(s): {len(summary)} unit(s), {summary['variant'].nunique()} method "
+             f"configuration(s), dataset(s) {', '.join(datasets)}.")
+    doc = render.Document(
+        title="bpfree report",
+        intro=intro,
+        warnings=provenance.warnings(runs.metas),
+        runs=provenance.table(runs.metas),
+        tables=[display.accuracy(acc), display.published(comparison, absent, datasets),
+                display.cost(cost), display.cost_ratio(cost)],
+        failures=display.failures(failures(summary)),
+        figures=[],
+    )
+    frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison}
+    return doc, frames, records, summary
+
+
+def write_report(run_dirs: list[Path], out_dir: Path | None = None,
+                 formats: tuple[str, ...] = FORMATS) -> tuple[Path, str]:
+    """Write the report in `formats`; returns the main file's path and the Markdown text."""
+    if out_dir is None:
+        if len(run_dirs) != 1:
+            raise ConfigError("several run folders are merged into one report: pass --out DIR")
+        out_dir = run_dirs[0] / "report"
+    doc, frames, records, summary = build(run_dirs)
+    if "md" in formats or "html" in formats:
+        doc.figures = [(p.key, p.title, plots.render(p, records, summary)) for p in plots.PLOTS]
+    text = render.markdown(doc)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out_dir} ({exc.strerror}); pass a writable --out DIR") from None
+    written = []
+    if "md" in formats:
+        for key, _, png in doc.figures:
+            atomic_write(out_dir / f"{key}.png", lambda path, png=png: path.write_bytes(png))
+        write_text(out_dir / "report.md", text)
+        written.append(out_dir / "report.md")
+    if "html" in formats:
+        write_text(out_dir / "index.html", render.html_page(doc))
+        written.append(out_dir / "index.html")
+    if "tex" in formats:
+        write_text(out_dir / "tables.tex", render.latex(doc))
+        written.append(out_dir / "tables.tex")
+    if "csv" in formats:
+        for name, frame in frames.items():
+            write_csv(out_dir / f"{name}.csv", frame)
+            written.append(out_dir / f"{name}.csv")
+    return written[0], text

@@ -1,62 +1,152 @@
-"""Aggregate per-seed summaries into comparison tables, and render them as Markdown."""
+"""Aggregate per-unit summaries over seeds into the report's tables, as plain numbers.
+
+A row of every table is one *variant* on one dataset: a method with one configuration, epoch
+budget, batch size and device. Runs merged into one report may hold several variants of a
+method (say noprop-dt with one-hot and with prototype embeddings); they get separate rows,
+labelled by what differs between them, because averaging them would mix two experiments.
+
+The frames here carry raw numbers (accuracies as fractions, times in seconds, bytes); they
+are what the CSV files hold. `reports.display` formats them for reading.
+"""
 
 from __future__ import annotations
 
-import math
+import json
+from typing import Any
 
 import pandas as pd
 
-
-def mean_std(values: pd.Series) -> str:
-    """`mean ± std` in percent over seeds; the std is left out for a single seed."""
-    values = values.dropna()
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{100 * values.iloc[0]:.2f}"
-    return f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f}"
+COMPLETE = ("finished", "diverged")  # statuses whose numbers count in a row's mean
+IDENTITY = ("epochs", "batch_size", "device")  # besides the config, what makes a variant
+BASELINES = ("backprop", "backprop-blocks")  # the ratio baseline, first one present
+ACCURACY_METRICS = ("final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc")
+COST_METRICS = ("time_per_epoch_s", "throughput_img_s", "time_to_target_s", "peak_mem_bytes",
+                "act_bytes_peak", "flops_train_step", "flops_predict", "params")
 
 
-def human(value: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (SI prefixes), NaN -> '-'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f}{prefix}{unit}"
-    return f"{value:.3g}{unit}"
+def _settings(row: pd.Series) -> dict[str, Any]:
+    """The variant-defining settings of one unit: its config plus the run's budget."""
+    config = json.loads(row["config"]) if isinstance(row["config"], str) else {}
+    return {**config, **{k: row[k] for k in IDENTITY}}
 
 
-def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per method x dataset: accuracy over seeds and the cost of the first seed's unit."""
+def assign_variants(summary: pd.DataFrame) -> pd.DataFrame:
+    """Add `variant`: the method name, plus `(key=value, ...)` for the settings in which the
+    method's units differ within this report, so one configuration reads as just the name."""
+    summary = summary.copy()
+    settings = summary.apply(_settings, axis=1)
+    labels = pd.Series(summary["method"], index=summary.index, dtype=object)
+    for _method, idx in summary.groupby("method").groups.items():
+        dicts = [settings[i] for i in idx]
+        keys = sorted({k for d in dicts for k in d})
+        differing = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]
+        if differing:
+            for i, d in zip(idx, dicts):
+                labels[i] += " (" + ", ".join(f"{k}={d.get(k, '-')}" for k in differing) + ")"
+    summary["variant"] = labels
+    return summary.sort_values(["dataset", "method", "variant", "seed"], kind="stable")
+
+
+def _status(group: pd.DataFrame) -> str:
+    """`2 finished, 1 diverged (seed 2, epoch 3)`: every unit accounted for."""
+    parts = []
+    for status in ("finished", "diverged", "running", "failed"):
+        units = group[group["status"] == status]
+        if units.empty:
+            continue
+        text = f"{len(units)} {status}"
+        if status == "diverged":
+            text += " (" + "; ".join(f"seed {r.seed}, epoch {int(r.epochs_done)}"
+                                     for r in units.itertuples()) + ")"
+        elif status == "running":
+            text += " (" + "; ".join(f"seed {r.seed}: {int(r.epochs_done)}/{int(r.epochs)} epochs"
+                                     for r in units.itertuples()) + ")"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _counted(group: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The units whose numbers a row shows, and whether they are partial (unfinished)."""
+    done = group[group["status"].isin(COMPLETE)]
+    if not done.empty:
+        return done, False
+    running = group[(group["status"] == "running") & (group["epochs_done"] > 0)]
+    return running, not running.empty
+
+
+def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per variant x dataset: mean and sample std over seeds of each accuracy, with n.
+
+    Finished and diverged units count (a diverged seed is an outcome of the method, not
+    noise to drop); running units count only in a row with nothing finished, marked partial.
+    """
     rows = []
-    for (method, dataset), group in summary.groupby(["method", "dataset"], sort=True):
-        done = group[group["status"].isin(["finished", "diverged"])] if "status" in group else group
-        statuses = ", ".join(sorted(set(group.get("status", pd.Series(["?"])))))
-        rows.append(
-            {
-                "method": method,
-                "dataset": dataset,
-                "n": len(done),
-                "test acc % (final)": mean_std(done.get("final_test_acc", pd.Series(dtype=float))),
-                "train acc %": mean_std(done.get("final_train_acc", pd.Series(dtype=float))),
-                "s/epoch": human(done["time_per_epoch_s"].mean()) if "time_per_epoch_s" in done else "-",
-                "img/s": human(done["throughput_img_s"].mean()) if "throughput_img_s" in done else "-",
-                "params": human(done["params"].mean()) if "params" in done else "-",
-                "FLOPs/step": human(done["flops_train_step"].mean()) if "flops_train_step" in done else "-",
-                "act. bytes": human(done["act_bytes_peak"].mean(), "B") if "act_bytes_peak" in done else "-",
-                "status": statuses,
-            }
-        )
+    for (dataset, variant), group in summary.groupby(["dataset", "variant"], sort=False):
+        counted, partial = _counted(group)
+        row: dict[str, Any] = {
+            "dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
+            "n": len(counted), "seeds": " ".join(str(s) for s in sorted(counted["seed"])),
+            "partial": partial, "epochs": int(group["epochs"].max()),
+            "status": _status(group), "config": group["config"].iloc[0],
+        }
+        for metric in ACCURACY_METRICS:
+            values = pd.to_numeric(counted[metric], errors="coerce").dropna()
+            row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-renderable pipe table (no optional dependency needed)."""
-    if frame.empty:
-        return "_no rows_\n"
-    cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines) + "\n"
+def failures(summary: pd.DataFrame) -> pd.DataFrame:
+    """Failed units with their errors, listed under the tables (too long for a cell)."""
+    failed = summary[summary["status"] == "failed"]
+    return failed[["dataset", "variant", "seed", "error", "run"]].reset_index(drop=True)
+
+
+def _baseline(rows: pd.DataFrame) -> pd.Series | None:
+    for name in BASELINES:
+        found = rows[rows["method"] == name]
+        if not found.empty:
+            return found.iloc[0]
+    return None
+
+
+def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per variant x dataset: mean cost over the measured units, and each cost as a ratio to
+    the baseline (`backprop`, else `backprop-blocks`) on the same dataset and device.
+
+    Peak memory ratios need the same measurement kind: a CUDA allocator peak and a CPU
+    live-tensor peak are different quantities, so a mixed pair gets no ratio.
+    """
+    rows = []
+    for (dataset, variant), group in summary.groupby(["dataset", "variant"], sort=False):
+        measured = group[group["status"].isin(COMPLETE)]
+        reached = pd.to_numeric(measured["time_to_target_s"], errors="coerce").dropna()
+        row: dict[str, Any] = {
+            "dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
+            "device": group["device"].iloc[0], "n": len(measured),
+            "target_acc": pd.to_numeric(measured["target_acc"], errors="coerce").max(),
+            "target_reached": len(reached),
+            "peak_mem_kind": ", ".join(sorted(set(measured["peak_mem_kind"].dropna()))),
+        }
+        for metric in COST_METRICS:
+            values = pd.to_numeric(measured[metric], errors="coerce").dropna()
+            row[metric] = values.mean() if len(values) else float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["baseline"] = ""
+    for metric in COST_METRICS:
+        table[f"{metric}_ratio"] = float("nan")
+    for _, idx in table.groupby(["dataset", "device"]).groups.items():
+        rows_ = table.loc[idx]
+        base = _baseline(rows_[rows_["n"] > 0])
+        if base is None:
+            continue
+        table.loc[idx, "baseline"] = base["variant"]
+        for metric in COST_METRICS:
+            if metric == "peak_mem_bytes":
+                same = rows_["peak_mem_kind"] == base["peak_mem_kind"]
+                table.loc[same[same].index, f"{metric}_ratio"] = rows_[metric] / base[metric]
+            else:
+                table.loc[idx, f"{metric}_ratio"] = rows_[metric] / base[metric]
+    return table

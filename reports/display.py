@@ -1,0 +1,212 @@
+"""Format the aggregated frames as tables for reading: units in headers, best values marked.
+
+A `Table` is format-neutral (plain cell text plus a `best` flag); `reports.render` writes it
+as Markdown, HTML or LaTeX, so the three formats cannot disagree on a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+MIB = 2**20
+MEMORY_KINDS = {"cuda-allocator": "CUDA allocator", "cpu-live-tensors": "CPU live tensors"}
+
+
+@dataclass
+class Cell:
+    text: str
+    best: bool = False
+
+
+@dataclass
+class Table:
+    key: str  # stable name: the CSV file stem and the HTML/LaTeX anchor
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    notes: list[str] = field(default_factory=list)
+    numeric: set[int] = field(default_factory=set)  # right-aligned column indices
+
+
+def finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def percent(mean: float, std: float = float("nan")) -> str:
+    """Accuracy fraction -> `98.66 ± 0.12` in percent; no `±` for a single seed."""
+    if not finite(mean):
+        return "-"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if finite(std) else "")
+
+
+def human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (SI prefixes), NaN -> '-'."""
+    if not finite(value):
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{prefix}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def plain(value: float) -> str:
+    """Three significant digits without an exponent: 1234 -> '1234', 0.01234 -> '0.0123'."""
+    if not finite(value):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}×" if finite(value) else "-"
+
+
+def _best_flags(frame: pd.DataFrame, column: str, higher: bool, eligible: pd.Series) -> pd.Series:
+    """True where a row holds the best value of `column` among eligible rows of its dataset."""
+    flags = pd.Series(False, index=frame.index)
+    for _, group in frame[eligible].groupby("dataset"):
+        values = pd.to_numeric(group[column], errors="coerce").dropna()
+        if len(values) > 1:  # a lone row is not "best" of anything
+            best = values.max() if higher else values.min()
+            flags[values.index[values == best]] = True
+    return flags
+
+
+def accuracy(acc: pd.DataFrame) -> Table:
+    metrics = [("final_test_acc", "test acc % (final)"),
+               ("best_test_acc", "test acc % (best epoch)"),
+               ("final_train_acc", "train acc % (final)")]
+    if acc["final_val_acc_mean"].notna().any():
+        metrics.append(("final_val_acc", "val acc % (final)"))
+    eligible = ~acc["partial"]
+    flags = {m: _best_flags(acc, f"{m}_mean", True, eligible) for m, _ in metrics}
+    rows = []
+    for i, r in acc.iterrows():
+        cells = [Cell(r["variant"]), Cell(r["dataset"]), Cell(str(r["n"]))]
+        cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_std"]), bool(flags[m][i])) for m, _ in metrics]
+        cells += [Cell(str(r["epochs"])), Cell(r["status"])]
+        rows.append(cells)
+    columns = ["method", "dataset", "n", *(label for _, label in metrics), "epochs", "status"]
+    notes = [
+        "Mean ± sample standard deviation over the n seeds (no ± for one seed); "
+        "**bold**: the best of its column on that dataset.",
+        "'final' is the last epoch: the number to report. 'best epoch' is the highest test "
+        "accuracy of any epoch, selected on the test set: for reference only, never for claims.",
+        "Finished and diverged seeds count (a diverged seed keeps the accuracy it had when it "
+        "stopped); a row whose seeds are all still running shows their epochs so far and is "
+        "never marked best; failed seeds are listed below the tables.",
+    ]
+    return Table("accuracy", "Accuracy", columns, rows, notes, set(range(2, len(columns) - 1)))
+
+
+def _time_to_target(r: pd.Series) -> str:
+    if not finite(r["target_acc"]) or r["n"] == 0:
+        return "-"
+    if r["target_reached"] == 0:
+        return "not reached"
+    text = plain(r["time_to_target_s"])
+    return text if r["target_reached"] == r["n"] else f"{text} ({r['target_reached']}/{r['n']} seeds)"
+
+
+COSTS = [  # (column, header, formatter, higher is better)
+    ("time_per_epoch_s", "time / epoch (s)", plain, False),
+    ("throughput_img_s", "throughput (img/s)", human, True),
+    ("time_to_target_s", "time to target (s)", None, False),
+    ("peak_mem_bytes", "peak memory (MiB)", lambda v: plain(v / MIB), False),
+    ("act_bytes_peak", "activations held (MiB)", lambda v: plain(v / MIB), False),
+    ("flops_train_step", "FLOPs / step", human, False),
+    ("flops_predict", "FLOPs / prediction", human, False),
+    ("params", "params", human, None),
+]
+
+
+def _targets(cost: pd.DataFrame) -> str:
+    per_dataset = cost.groupby("dataset")["target_acc"].max().dropna()
+    return ", ".join(f"{100 * t:.0f}% on {d}" for d, t in per_dataset.items()) or "none"
+
+
+def cost(cost: pd.DataFrame) -> Table:
+    measured = cost["n"] > 0
+    flags = {c: _best_flags(cost, c, hi, measured) if hi is not None else None
+             for c, _, _, hi in COSTS}
+    rows = []
+    for i, r in cost.iterrows():
+        cells = [Cell(r["variant"]), Cell(r["dataset"]), Cell(str(r["n"]))]
+        for column, _, fmt, _ in COSTS:
+            text = _time_to_target(r) if fmt is None else fmt(r[column])
+            cells.append(Cell(text, bool(flags[column] is not None and flags[column][i])))
+            if column == "peak_mem_bytes":
+                cells.append(Cell(MEMORY_KINDS.get(r["peak_mem_kind"], r["peak_mem_kind"] or "-")))
+        rows.append(cells)
+    headers = [h for c, h, _, _ in COSTS]
+    headers.insert(4, "memory kind")
+    columns = ["method", "dataset", "n", *headers]
+    notes = [
+        "Means over the n measured seeds (finished or diverged); **bold**: the cheapest on that "
+        "dataset (the fastest for throughput). Times are training only, device synchronised, "
+        "evaluation excluded.",
+        f"Time to target: training time until the test accuracy first reached the target "
+        f"({_targets(cost)}), averaged over the seeds that reached it.",
+        "Peak memory is of one training step: the CUDA allocator peak on a GPU, or on CPU the "
+        "peak of live tensor bytes plus parameters, buffers and optimiser state; the two kinds "
+        "are not comparable. Activations held: the most bytes autograd keeps for backward at "
+        "once. FLOPs are for one minibatch of the run's batch size.",
+    ]
+    numeric = set(range(2, len(columns))) - {columns.index("memory kind")}
+    return Table("cost", "Cost", columns, rows, notes, numeric)
+
+
+def cost_ratio(cost: pd.DataFrame) -> Table:
+    rows = []
+    for _, r in cost.iterrows():
+        cells = [Cell(r["variant"]), Cell(r["dataset"]), Cell(r["baseline"] or "-")]
+        cells += [Cell(ratio(r[f"{c}_ratio"])) for c, _, _, _ in COSTS]
+        rows.append(cells)
+    columns = ["method", "dataset", "baseline", *(h.split(" (")[0] for _, h, _, _ in COSTS)]
+    notes = [
+        "Each cost divided by the baseline's on the same dataset and device: `backprop` where "
+        "the report has it, else `backprop-blocks` (the NoProp paper's backprop baseline). "
+        "Above 1× costs more than the baseline, except throughput, where above 1× is faster. "
+        "Peak memory is divided only by a peak of the same kind.",
+    ]
+    return Table("cost_ratio", "Cost relative to backprop", columns, rows, notes,
+                 set(range(3, len(columns))))
+
+
+def published(comp: pd.DataFrame, absent: list[str], datasets: list[str]) -> Table:
+    rows = []
+    for _, r in comp.iterrows():
+        ours = "-" if not finite(r["ours"]) else (
+            f"{r['ours']:.2f}" + (f" ± {r['ours_std']:.2f}" if finite(r["ours_std"]) else ""))
+        pub = f"{r['published']:.2f}" + (
+            f" ± {r['published_std']:.2f}" if finite(r["published_std"]) else "")
+        diff = f"{r['difference']:+.2f}" if finite(r["difference"]) else "-"
+        epochs = str(int(r["epochs"])) if finite(r["epochs"]) else "-"
+        source = r["source"] + (f", {r['table']}" if r["table"] else "")
+        rows.append([Cell(r["variant"]), Cell(r["dataset"]), Cell(r["metric"]), Cell(ours),
+                     Cell(epochs), Cell(pub), Cell(diff), Cell(source), Cell(r["note"])])
+    columns = ["ours", "dataset", "metric", "ours (final)", "our epochs", "published",
+               "difference", "source", "paper's setting"]
+    notes = [
+        "Difference: ours minus published, in the metric's unit (percentage points, GB). The "
+        "papers' networks, epochs and tuning differ from ours (see the last column and 'our "
+        "epochs'): read a difference as context, not as a reproduction verdict unless the "
+        "settings match. Published numbers: results/published/published.csv.",
+        "Published GPU memory is compared only with our CUDA allocator peaks; CPU runs show '-'.",
+    ]
+    if comp.empty:
+        notes.insert(0, f"No published numbers for {', '.join(datasets)}: the papers report "
+                        f"full MNIST, CIFAR-10/100 and Tiny ImageNet; run one of those to compare.")
+    if absent:
+        notes.append("Also published for these datasets, for methods not in this report: "
+                     + ", ".join(absent) + ".")
+    return Table("published", "Published results", columns, rows, notes, {3, 4, 5, 6})
+
+
+def failures(failed: pd.DataFrame) -> list[str]:
+    return [f"{r.variant} on {r.dataset}, seed {r.seed}: {r.error} ({r.run})"
+            for r in failed.itertuples()]

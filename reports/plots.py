@@ -1,0 +1,254 @@
+"""The report's figures, drawn with matplotlib's object API on the Agg canvas.
+
+No pyplot: figures are built as `matplotlib.figure.Figure` and saved directly, so making a
+report neither switches the caller's backend nor leaves global state behind. Every figure uses
+one style (`STYLE`) and one colour per method (`method_colours`), derived from the sorted
+method registry so a method has the same colour in every plot of every report; variants of
+one method share its colour and differ in line style.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from methods import all_methods
+from reports.display import MEMORY_KINDS, MIB
+from reports.tables import COMPLETE
+
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+}
+LINESTYLES = ("-", "--", ":", "-.")
+PANEL = (5.0, 3.6)  # inches per subplot
+
+
+@dataclass(frozen=True)
+class Plot:
+    key: str  # file stem
+    title: str
+    draw: Callable[[pd.DataFrame, pd.DataFrame], Figure]
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """A fixed colour per method: its index in the sorted registry (then any unregistered
+    name, sorted), in tab10 and then in tab20's lighter half."""
+    names = list(all_methods()) + sorted(set(methods) - set(all_methods()))
+    palette = list(matplotlib.colormaps["tab10"].colors)
+    palette += list(matplotlib.colormaps["tab20"].colors)[1::2]
+    return {name: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, name in enumerate(names)}
+
+
+class Styler:
+    """Colour and line style of each variant, the same in every figure of a report."""
+
+    def __init__(self, summary: pd.DataFrame) -> None:
+        self.colours = method_colours(sorted(set(summary["method"])))
+        variants = summary.drop_duplicates("variant")
+        self.method = dict(zip(variants["variant"], variants["method"]))
+        self.style: dict[str, str] = {}
+        for _, group in variants.groupby("method"):
+            for i, variant in enumerate(group["variant"]):
+                self.style[variant] = LINESTYLES[i % len(LINESTYLES)]
+
+    def colour(self, variant: str) -> str:
+        return self.colours[self.method[variant]]
+
+
+def _figure(datasets: list[str], cols_per_dataset: int = 1) -> tuple[Figure, np.ndarray]:
+    rows = max(len(datasets), 1)
+    fig = Figure(figsize=(PANEL[0] * cols_per_dataset, PANEL[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols_per_dataset, squeeze=False)
+    return fig, axes
+
+
+def _legend(fig: Figure, axes: np.ndarray) -> None:
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        fig.legend([handles[x] for x in labels], labels, loc="outside right upper")
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _log_if_wide(ax: Axes, values: pd.Series, axis: str = "x") -> None:
+    """Log scale when the values span more than 30x: methods differ by orders of magnitude."""
+    values = values[values > 0]
+    if len(values) and values.max() / values.min() > 30:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame], Figure]:
+    """Test accuracy against `x` (a records column): per-epoch mean over seeds as a line, the
+    seeds' min-max as a band; x is the seeds' mean too (time differs slightly per seed)."""
+
+    def draw(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+        styler = Styler(summary)
+        datasets = sorted(set(summary["dataset"]))
+        fig, axes = _figure(datasets)
+        for ax, dataset in zip(axes[:, 0], datasets):
+            ax.set_title(dataset)
+            data = records[records["dataset"] == dataset] if len(records) else records
+            if data.empty:
+                _empty(ax, "no epoch finished yet")
+                continue
+            for variant, group in data.groupby("variant", sort=False):
+                per_epoch = group.groupby("epoch").agg(
+                    x=(x, "mean"), y=("test_acc", "mean"), lo=("test_acc", "min"),
+                    hi=("test_acc", "max"), seeds=("seed", "nunique"))
+                colour = styler.colour(variant)
+                ax.plot(per_epoch["x"], 100 * per_epoch["y"], styler.style[variant], color=colour,
+                        marker="o", markersize=3, label=variant)
+                if per_epoch["seeds"].max() > 1:
+                    ax.fill_between(per_epoch["x"], 100 * per_epoch["lo"], 100 * per_epoch["hi"],
+                                    color=colour, alpha=0.18, linewidth=0)
+                ends = group[group["unit"].isin(summary.loc[summary["status"] == "diverged", "unit"])]
+                ends = ends.sort_values("epoch").groupby("unit").tail(1)
+                ax.plot(ends[x], 100 * ends["test_acc"], "x", color=colour, markersize=8,
+                        markeredgewidth=2, label="diverged (last epoch)" if len(ends) else None)
+            if x != "epoch":
+                _log_if_wide(ax, data[x])
+            else:
+                ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy (%)")
+        _legend(fig, axes)
+        return fig
+
+    return draw
+
+
+def _complete(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["status"].isin(COMPLETE)]
+
+
+def memory_bars(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Peak memory of one training step per variant, min-max over seeds as error bars."""
+    styler = Styler(summary)
+    datasets = sorted(set(summary["dataset"]))
+    fig, axes = _figure(datasets)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        ax.set_title(dataset)
+        data = _complete(summary[summary["dataset"] == dataset])
+        if data.empty:
+            _empty(ax, "no finished unit yet")
+            continue
+        stats = data.groupby("variant", sort=False).agg(
+            mean=("peak_mem_bytes", "mean"), lo=("peak_mem_bytes", "min"),
+            hi=("peak_mem_bytes", "max"), kind=("peak_mem_kind", "first"))
+        mean, lo, hi = (stats[c].astype(float) / MIB for c in ("mean", "lo", "hi"))
+        positions = np.arange(len(stats))
+        kinds = sorted(set(stats["kind"]))
+        hatches = {kind: ("" if i == 0 else "//") for i, kind in enumerate(kinds)}
+        for pos, variant in zip(positions, stats.index):
+            kind = stats.loc[variant, "kind"]
+            ax.bar(pos, mean[variant], color=styler.colour(variant), hatch=hatches[kind],
+                   edgecolor="white", label=variant)
+            ax.text(pos, hi[variant], f" {mean[variant]:.0f}", ha="center", va="bottom",
+                    fontsize=7, rotation=90)
+        errors = np.vstack([mean - lo, hi - mean])
+        if (errors > 0).any():
+            ax.errorbar(positions, mean, yerr=errors, fmt="none", ecolor="black", capsize=3)
+        ax.set_xticks(positions, stats.index, rotation=35, ha="right")
+        _log_if_wide(ax, mean, "y")
+        ax.margins(y=0.15)
+        kind_text = " / ".join(MEMORY_KINDS.get(k, k) + (" (hatched)" if hatches[k] else "")
+                               for k in kinds)
+        ax.set_ylabel(f"peak memory of one step (MiB)\n{kind_text}")
+    _legend(fig, axes)
+    return fig
+
+
+def _pareto_front(points: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """Points no other point beats on both cost (lower) and accuracy (higher)."""
+    ordered = points.sort_values([cost, "acc"], ascending=[True, False])
+    front, best = [], -np.inf
+    for idx, row in ordered.iterrows():
+        if row["acc"] > best:
+            front.append(idx)
+            best = row["acc"]
+    return ordered.loc[front]
+
+
+def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Final test accuracy against training time and against peak memory; the dashed line
+    joins the Pareto-optimal variants (nothing else is both cheaper and more accurate)."""
+    styler = Styler(summary)
+    datasets = sorted(set(summary["dataset"]))
+    costs = [("train_time_s", "training time (s)", 1.0),
+             ("peak_mem_bytes", "peak memory of one step (MiB)", MIB)]
+    fig, axes = _figure(datasets, len(costs))
+    for row, dataset in enumerate(datasets):
+        data = _complete(summary[summary["dataset"] == dataset])
+        for col, (cost, label, scale) in enumerate(costs):
+            ax = axes[row, col]
+            ax.set_title(f"{dataset}: accuracy vs {label.split(' (')[0]}")
+            if data.empty:
+                _empty(ax, "no finished unit yet")
+                continue
+            values = data.assign(c=data[cost].astype(float) / scale,
+                                 acc=100 * data["final_test_acc"].astype(float))
+            points = values.groupby("variant", sort=False).agg(
+                c=("c", "mean"), c_lo=("c", "min"), c_hi=("c", "max"),
+                acc=("acc", "mean"), acc_lo=("acc", "min"), acc_hi=("acc", "max"))
+            for variant, p in points.iterrows():
+                ax.errorbar(p["c"], p["acc"], xerr=[[p["c"] - p["c_lo"]], [p["c_hi"] - p["c"]]],
+                            yerr=[[p["acc"] - p["acc_lo"]], [p["acc_hi"] - p["acc"]]],
+                            fmt="o", color=styler.colour(variant), markersize=6, capsize=2,
+                            label=variant)
+                ax.annotate(variant, (p["c"], p["acc"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=styler.colour(variant))
+            front = _pareto_front(points.rename(columns={"c": cost}), cost)
+            ax.plot(front[cost], front["acc"], "--", color="grey", linewidth=1,
+                    drawstyle="steps-post", label="Pareto front", zorder=0)
+            _log_if_wide(ax, points["c"])
+            ax.set_xlabel(label + (" (mixed kinds)" if data["peak_mem_kind"].nunique() > 1
+                                   and cost == "peak_mem_bytes" else ""))
+            ax.set_ylabel("final test accuracy (%)")
+    _legend(fig, axes)
+    return fig
+
+
+PLOTS = (
+    Plot("accuracy_vs_epoch", "Test accuracy vs epoch", accuracy_curves("epoch", "epoch")),
+    Plot("accuracy_vs_time", "Test accuracy vs training time",
+         accuracy_curves("cum_time_s", "cumulative training time (s)")),
+    Plot("accuracy_vs_flops", "Test accuracy vs training compute",
+         accuracy_curves("cum_train_flops", "cumulative training FLOPs")),
+    Plot("peak_memory", "Peak memory per method", memory_bars),
+    Plot("pareto", "Accuracy vs cost", pareto),
+)
+
+
+def render(plot: Plot, records: pd.DataFrame, summary: pd.DataFrame) -> bytes:
+    """The figure as PNG bytes, drawn under the report's style."""
+    with matplotlib.rc_context(STYLE):
+        fig = plot.draw(records, summary)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    return buffer.getvalue()

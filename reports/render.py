@@ -1,0 +1,163 @@
+"""Write a report's `Table`s, warnings and figures as Markdown, self-contained HTML and LaTeX.
+
+Notes may use two inline marks, `**bold**` and a back-quoted `name`, which each format
+translates; cell text is plain and escaped for each format.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass
+
+from reports.display import Table
+
+
+@dataclass
+class Document:
+    """Everything a report shows, in order; the writers below only lay it out."""
+
+    title: str
+    intro: str
+    warnings: list[str]
+    runs: Table
+    tables: list[Table]
+    failures: list[str]
+    figures: list[tuple[str, str, bytes]]  # (key, title, PNG bytes)
+
+
+def _inline(text: str, bold: tuple[str, str], code: tuple[str, str]) -> str:
+    text = re.sub(r"\*\*(.+?)\*\*", lambda m: bold[0] + m.group(1) + bold[1], text)
+    return re.sub(r"`([^`]+)`", lambda m: code[0] + m.group(1) + code[1], text)
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def _md_cell(text: str, best: bool) -> str:
+    text = text.replace("|", "\\|")
+    return f"**{text}**" if best and text != "-" else text
+
+
+def markdown_table(table: Table) -> str:
+    align = ["---:" if i in table.numeric else "---" for i in range(len(table.columns))]
+    lines = ["| " + " | ".join(table.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(_md_cell(c.text, c.best) for c in row) + " |" for row in table.rows]
+    if not table.rows:
+        lines = ["_no rows_"]
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in table.notes)
+
+
+def markdown(doc: Document) -> str:
+    parts = [f"# {doc.title}\n\n{doc.intro}\n"]
+    parts += [f"> **Warning:** {w}\n" for w in doc.warnings]
+    for table in [doc.runs, *doc.tables]:
+        parts.append(f"## {table.title}\n\n{markdown_table(table)}")
+        if table.key == "accuracy" and doc.failures:
+            parts.append("### Failed units\n\n" + "".join(f"- {f}\n" for f in doc.failures))
+    parts.append("## Plots\n")
+    parts += [f"### {title}\n\n![{title}]({key}.png)\n" for key, title, _ in doc.figures]
+    return "\n".join(parts)
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
+       margin: 0 auto; max-width: 1280px; padding: 24px; }
+h1 { font-size: 24px; } h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #d0d7de; }
+h3 { font-size: 15px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #d0d7de; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; white-space: nowrap; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafbfc; }
+p.note { color: #57606a; font-size: 13px; margin: 4px 0; max-width: 1100px; }
+.warning { background: #fff8c5; border: 1px solid #d4a72c; padding: 8px 12px; margin: 8px 0; }
+img { max-width: 100%; height: auto; }
+code { background: #f6f8fa; padding: 0 3px; }
+"""
+
+
+def _html_text(text: str) -> str:
+    return _inline(html.escape(text), ("<strong>", "</strong>"), ("<code>", "</code>"))
+
+
+def html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = []
+    for row in table.rows:
+        cells = []
+        for i, cell in enumerate(row):
+            text = html.escape(cell.text)
+            text = f"<strong>{text}</strong>" if cell.best else text
+            cls = ' class="num"' if i in table.numeric else ""
+            cells.append(f"<td{cls}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f'<p class="note">{_html_text(n)}</p>' for n in table.notes)
+    return (f'<div class="scroll"><table id="{table.key}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>{notes}")
+
+
+def html_page(doc: Document) -> str:
+    """One file with everything inline (style, PNGs as base64 data URIs): no network."""
+    parts = [f"<h1>{html.escape(doc.title)}</h1>", f"<p>{_html_text(doc.intro)}</p>"]
+    parts += [f'<div class="warning"><strong>Warning:</strong> {_html_text(w)}</div>'
+              for w in doc.warnings]
+    for table in [doc.runs, *doc.tables]:
+        parts.append(f"<h2>{html.escape(table.title)}</h2>{html_table(table)}")
+        if table.key == "accuracy" and doc.failures:
+            items = "".join(f"<li>{html.escape(f)}</li>" for f in doc.failures)
+            parts.append(f"<h3>Failed units</h3><ul>{items}</ul>")
+    parts.append("<h2>Plots</h2>")
+    for key, title, png in doc.figures:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<h3 id="{key}">{html.escape(title)}</h3>'
+                     f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(doc.title)}</title><style>{CSS}</style></head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+# --- LaTeX -----------------------------------------------------------------------------------
+
+TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+               "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+               "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$"}
+WRAP_AT = 40  # characters: longer text columns wrap in a paragraph column
+
+
+def tex_escape(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def tex_table(table: Table) -> str:
+    spec = []
+    for i in range(len(table.columns)):
+        longest = max((len(row[i].text) for row in table.rows), default=0)
+        spec.append("r" if i in table.numeric else
+                    r">{\raggedright\arraybackslash}p{4cm}" if longest > WRAP_AT else "l")
+    lines = [r"\begin{table}[htbp]", r"\centering", r"\small",
+             rf"\caption{{{tex_escape(table.title)}}}", rf"\label{{tab:bpfree-{table.key}}}",
+             r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{''.join(spec)}}}", r"\toprule",
+             " & ".join(tex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    for row in table.rows:
+        cells = [rf"\textbf{{{tex_escape(c.text)}}}" if c.best else tex_escape(c.text) for c in row]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}"]
+    notes = " ".join(_inline(tex_escape(n), (r"\textbf{", "}"), (r"\texttt{", "}"))
+                     for n in table.notes)
+    lines += [rf"\par\smallskip\parbox{{\linewidth}}{{\footnotesize {notes}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def latex(doc: Document) -> str:
+    """booktabs tables, one `table` float each; provenance as comments."""
+    head = ["% bpfree report tables. Needs \\usepackage{booktabs,graphicx,array}.",
+            f"% {doc.intro}"]
+    for row in doc.runs.rows:
+        head.append("% run: " + " | ".join(c.text for c in row))
+    head += [f"% WARNING: {w}" for w in doc.warnings]
+    return "\n".join(head) + "\n\n" + "\n".join(tex_table(t) for t in doc.tables)

@@ -1,0 +1,291 @@
+"""The report generator on synthetic run folders written in the real on-disk format.
+
+No training happens here: each test writes units/<id>/{unit.json, records.csv, summary.json or
+failed.json} and meta.json exactly as the harness does, with numbers chosen so the expected
+means, stds, joins and statuses are known.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from benchmarks.cli import main
+from benchmarks.records import SCHEMA_VERSION
+from reports import plots, render
+from reports.published import compare, parse_method, read_published
+from reports.report import build, write_report
+
+META = {"command": "bpfree run --suite quick", "started": "2026-01-01T00:00:00+00:00",
+        "resumed": [], "git_commit": "abc123", "python": "3.11.7", "torch": "2.14.1",
+        "cuda": None, "device": "cpu", "device_name": "x86_64", "cpu_count": 2,
+        "torch_threads": 2, "platform": "Linux", "spec": {}}
+
+
+def unit(method: str, seed: int, accs: list[float], status: str = "finished",
+         dataset: str = "mnist-5k", epochs: int | None = None, **config: Any) -> dict[str, Any]:
+    """One unit's description: its per-epoch test accuracies and final status."""
+    return {"method": method, "seed": seed, "accs": accs, "status": status, "dataset": dataset,
+            "epochs": epochs or len(accs), "config": config or {"lr": 0.001}}
+
+
+def write_run(run: Path, units: list[dict[str, Any]], **meta: Any) -> Path:
+    """A run folder as `bpfree run` leaves it (summary.json only for finished/diverged)."""
+    (run / "units").mkdir(parents=True)
+    (run / "meta.json").write_text(json.dumps({**META, **meta}))
+    for u in units:
+        config = json.dumps(u["config"], sort_keys=True)
+        uid = f"{u['method']}__{u['dataset']}__quick__s{u['seed']}"
+        if u["config"].get("embedding"):
+            uid += "__" + u["config"]["embedding"]
+        folder = run / "units" / uid
+        folder.mkdir()
+        identity = {"schema": SCHEMA_VERSION, "unit": uid, "method": u["method"],
+                    "family": "x", "dataset": u["dataset"], "seed": u["seed"], "preset": "quick",
+                    "config": config, "epochs": u["epochs"], "batch_size": 128, "device": "cpu"}
+        (folder / "unit.json").write_text(json.dumps(identity))
+        rows = [{"unit": uid, "method": u["method"], "dataset": u["dataset"], "seed": u["seed"],
+                 "epoch": e + 1, "train_acc": acc + 0.01, "test_acc": acc, "val_acc": float("nan"),
+                 "epoch_time_s": 2.0, "cum_time_s": 2.0 * (e + 1),
+                 "cum_train_flops": 1e9 * (e + 1), "train_loss": 0.5}
+                for e, acc in enumerate(u["accs"])]
+        if rows:
+            pd.DataFrame(rows).to_csv(folder / "records.csv", index=False)
+        if u["status"] == "failed":
+            (folder / "failed.json").write_text(json.dumps({
+                "unit": uid, "status": "failed", "error": "RuntimeError: boom"}))
+        elif u["status"] in ("finished", "diverged"):
+            summary = {**identity, "status": u["status"], "epochs_done": len(rows),
+                       "final_test_acc": u["accs"][-1], "best_test_acc": max(u["accs"]),
+                       "final_train_acc": u["accs"][-1] + 0.01, "final_val_acc": float("nan"),
+                       "train_time_s": 2.0 * len(rows), "time_per_epoch_s": 2.0,
+                       "throughput_img_s": 2000.0, "target_acc": 0.95,
+                       "time_to_target_s": 2.0 if max(u["accs"]) >= 0.95 else float("nan"),
+                       "params": 1000, "flops_train_step": 3e9 if u["method"] == "backprop" else 6e9,
+                       "flops_predict": 1e9, "act_bytes_peak": 2**20, "act_bytes_total": 2**21,
+                       "peak_mem_bytes": (10 if u["method"] == "backprop" else 5) * 2**20,
+                       "peak_mem_kind": "cpu-live-tensors", "process_peak_rss_bytes": 2**30}
+            (folder / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_aggregation_gives_known_mean_std_and_n(tmp_path):
+    run = write_run(tmp_path / "run", [
+        unit("backprop", 0, [0.50, 0.90]), unit("backprop", 1, [0.60, 0.92]),
+        unit("backprop", 2, [0.95, 0.94]), unit("noprop-dt", 0, [0.40, 0.80]),
+    ])
+    doc, frames, _, _ = build([run])
+    acc = frames["accuracy"].set_index("variant")
+    assert acc.loc["backprop", "n"] == 3 and acc.loc["backprop", "seeds"] == "0 1 2"
+    assert acc.loc["backprop", "final_test_acc_mean"] == pytest.approx(0.92)
+    assert acc.loc["backprop", "final_test_acc_std"] == pytest.approx(0.02)
+    assert acc.loc["backprop", "best_test_acc_mean"] == pytest.approx((0.90 + 0.92 + 0.95) / 3)
+    assert acc.loc["noprop-dt", "n"] == 1 and math.isnan(acc.loc["noprop-dt", "final_test_acc_std"])
+    text = render.markdown(doc)
+    assert "| backprop | mnist-5k | 3 | **92.00 ± 2.00** |" in text
+    assert "| noprop-dt | mnist-5k | 1 | 80.00 |" in text  # one seed: no std shown
+    cost = frames["cost"].set_index("variant")
+    assert cost.loc["noprop-dt", "baseline"] == "backprop"
+    assert cost.loc["noprop-dt", "flops_train_step_ratio"] == pytest.approx(2.0)
+    assert cost.loc["noprop-dt", "peak_mem_bytes_ratio"] == pytest.approx(0.5)
+    assert cost.loc["backprop", "target_reached"] == 1  # only seed 2 reached 95%
+
+
+def test_variants_of_one_method_get_separate_labelled_rows(tmp_path):
+    run = write_run(tmp_path / "run", [
+        unit("noprop-dt", 0, [0.8], embedding="one-hot"),
+        unit("noprop-dt", 0, [0.7], embedding="prototype"),
+        unit("backprop-blocks", 0, [0.9]),
+    ])
+    _, frames, _, _ = build([run])
+    assert set(frames["accuracy"]["variant"]) == {
+        "noprop-dt (embedding=one-hot)", "noprop-dt (embedding=prototype)", "backprop-blocks"}
+    assert set(frames["cost"]["baseline"]) == {"backprop-blocks"}  # no `backprop`: the fallback
+
+
+def test_published_table_joins_on_dataset_method_and_config(tmp_path):
+    run = write_run(tmp_path / "run", [
+        unit("noprop-dt", 0, [0.99], dataset="mnist", embedding="one-hot", embed_dim=20),
+        unit("noprop-dt", 0, [0.98], dataset="mnist", embedding="learned", embed_dim=20),
+        unit("backprop", 0, [0.97], dataset="mnist"),
+    ])
+    comp = build([run])[1]["published_comparison"]
+    test = comp[(comp["metric"] == "test acc %") & comp["source"].str.contains("NoProp")]
+    got = {(r.variant, r.published): r.ours for r in test.itertuples()}
+    assert got[("noprop-dt (embedding=one-hot)", 99.47)] == pytest.approx(99.0)
+    assert got[("noprop-dt (embedding=learned)", 99.49)] == pytest.approx(98.0)
+    assert math.isnan(got[("not run with embedding=prototype", 99.54)])
+    assert not comp["dataset"].isin(["cifar10", "cifar100"]).any()  # only datasets we ran
+    ren = comp[(comp["method"] == "backprop") & comp["source"].str.startswith("Ren")].iloc[0]
+    assert ren["published"] == pytest.approx(100 - 2.66)  # printed as test error
+    assert ren["difference"] == pytest.approx(97.0 - 97.34)
+
+
+def test_published_csv_is_valid_data_and_method_specs_parse():
+    published = read_published()
+    assert {"Table 1", "Table 3"} <= set(published["table"])
+    assert parse_method("noprop-dt embedding=learned embed_dim=20") == (
+        "noprop-dt", {"embedding": "learned", "embed_dim": 20})
+    row = published[(published["method"] == "noprop-dt embedding=prototype")
+                    & (published["dataset"] == "cifar10") & (published["metric"] == "test_acc")]
+    assert row["value"].tolist() == [80.54] and row["std"].tolist() == [0.20]
+
+
+def test_compare_skips_methods_not_in_the_report():
+    ours = pd.DataFrame([{"dataset": "d", "variant": "a", "method": "a", "config": "{}",
+                          "final_test_acc_mean": 0.5, "final_test_acc_std": float("nan"),
+                          "n": 1, "epochs": 1}])
+    pub = pd.DataFrame([{"source": "s", "table": "T", "method": m, "dataset": "d",
+                         "metric": "test_acc", "value": 40.0, "std": float("nan"), "note": ""}
+                        for m in ("a", "b")])
+    comp, absent = compare(ours, pub)
+    assert comp["variant"].tolist() == ["a"] and comp["difference"].tolist() == [10.0]
+    assert absent == ["b"]
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "img":
+            self.sources.append(values["src"] or "")
+        self.links += [v or "" for k, v in attrs if k in ("href", "src")]
+
+
+def test_every_file_is_written_pngs_decode_and_html_embeds_them(tmp_path):
+    run = write_run(tmp_path / "run", [
+        unit("backprop", 0, [0.5, 0.9]), unit("backprop", 1, [0.6, 0.91]),
+        unit("noprop-dt", 0, [0.4, 0.7, 0.1], status="diverged"),
+        unit("fg-w", 0, [0.3], status="running", epochs=2),
+    ])
+    assert main(["report", str(run)]) == 0
+    out = run / "report"
+    names = {p.name for p in out.iterdir()}
+    pngs = {f"{p.key}.png" for p in plots.PLOTS}
+    assert names == {"report.md", "index.html", "tables.tex", "accuracy.csv", "cost.csv",
+                     "published_comparison.csv"} | pngs
+    for name in pngs:
+        assert Image.open(out / name).verify() is None
+        assert f"]({name})" in (out / "report.md").read_text()
+    parser = _Images()
+    parser.feed((out / "index.html").read_text())
+    assert len(parser.sources) == len(pngs)
+    for src in parser.sources:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert not any(link.startswith(("http:", "https:", "//")) for link in parser.links)
+    tex = (out / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 4 and r"\toprule" in tex and r"\bottomrule" in tex
+    assert pd.read_csv(out / "accuracy.csv")["variant"].tolist() == ["backprop", "fg-w", "noprop-dt"]
+
+
+def test_diverged_running_and_failed_units_are_shown_not_dropped(tmp_path):
+    run = write_run(tmp_path / "run", [
+        unit("backprop", 0, [0.9, 0.95]),
+        unit("noprop-dt", 0, [0.5, 0.1], status="diverged"),
+        unit("noprop-dt", 1, [0.6, 0.8]),
+        unit("fg-w", 0, [0.7], status="running", epochs=3),
+        unit("dtp", 0, [], status="failed"),
+    ])
+    text = render.markdown(build([run])[0])
+    section = text.split("## Accuracy")[1].split("## ")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
+            if "mnist-5k" in line}
+    assert "1 finished, 1 diverged (seed 0, epoch 2)" in rows["noprop-dt"]
+    assert "| noprop-dt | mnist-5k | 2 | 45.00 ± 49.50 |" in rows["noprop-dt"]  # diverged counts
+    assert "1 running (seed 0: 1/3 epochs)" in rows["fg-w"] and "**" not in rows["fg-w"]
+    assert "| fg-w | mnist-5k | 1 | 70.00 |" in rows["fg-w"]
+    assert "1 failed" in rows["dtp"]
+    assert "dtp on mnist-5k, seed 0: RuntimeError: boom" in text
+
+
+def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
+    a = write_run(tmp_path / "a", [unit("backprop", 0, [0.9])])
+    b = write_run(tmp_path / "b", [unit("backprop", 1, [0.8])], torch="2.5.0",
+                  device="cuda:0", device_name="NVIDIA H100")
+    doc = build([a, b])[0]
+    assert any("differ in device" in w for w in doc.warnings)
+    assert any("differ in torch version" in w for w in doc.warnings)
+    assert not any("Python" in w for w in doc.warnings)
+    same = build([a, write_run(tmp_path / "c", [unit("backprop", 2, [0.8])])])[0]
+    assert same.warnings == []
+
+
+def test_method_colours_depend_on_the_registry_not_the_report():
+    both = plots.method_colours(["backprop", "noprop-dt"])
+    assert plots.method_colours(["noprop-dt"])["noprop-dt"] == both["noprop-dt"]
+    assert len(set(plots.method_colours([]).values())) == len(plots.method_colours([]))
+
+
+def _corrupt_summary(run: Path) -> str:
+    path = next((run / "units").glob("*/summary.json"))
+    path.write_text('{"schema": 1, "unit": ')
+    return str(path)
+
+
+def _old_schema(run: Path) -> str:
+    path = next((run / "units").glob("*/summary.json"))
+    summary = json.loads(path.read_text())
+    del summary["schema"]
+    path.write_text(json.dumps(summary))
+    return str(path)
+
+
+def _bad_records(run: Path) -> str:
+    path = next((run / "units").glob("*/records.csv"))
+    path.write_text("unit,epoch\nx,1\n")
+    return str(path)
+
+
+def _no_meta(run: Path) -> str:
+    (run / "meta.json").unlink()
+    return str(run / "meta.json")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_corrupt_summary, "corrupt JSON"),
+    (_old_schema, "no schema field, but this bpfree reads schema"),
+    (_bad_records, "missing column(s) method, dataset, seed, test_acc"),
+    (_no_meta, "is missing"),
+])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, damage, message):
+    run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])])
+    path = damage(run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and path in err and message in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{a}", "{a}", "--out", "{tmp}/o"], "pass each run folder once"),
+    (["{a}", "{b}"], "pass --out DIR"),
+    (["{tmp}/nowhere"], "does not exist"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    a = write_run(tmp_path / "a", [unit("backprop", 0, [0.9])])
+    b = write_run(tmp_path / "b", [unit("backprop", 1, [0.9])])
+    args = [x.format(a=a, b=b, tmp=tmp_path) for x in args]
+    assert main(["report", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_formats_subset_writes_only_those(tmp_path):
+    run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])])
+    path, _ = write_report([run], tmp_path / "out", ("tex", "csv"))
+    assert path == tmp_path / "out" / "tables.tex"
+    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".csv"] * 3 + [".tex"]
+
