@@ -48,7 +48,7 @@ def human(value: float, unit: str = "") -> str:
         return "-"
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
-            return f"{value / factor:.2f}{prefix}{unit}"
+            return f"{value / factor:.3g}{prefix}{unit}"
     return f"{value:.3g}{unit}"
 
 
@@ -199,8 +199,8 @@ def published(comp: pd.DataFrame, absent: list[str], datasets: list[str]) -> Tab
         "Published GPU memory is compared only with our CUDA allocator peaks; CPU runs show '-'.",
     ]
     if comp.empty:
-        notes.insert(0, f"No published numbers for {', '.join(datasets)}: the papers report "
-                        f"full MNIST, CIFAR-10/100 and Tiny ImageNet; run one of those to compare.")
+        notes = [f"No published numbers for {', '.join(datasets)}: the papers report full "
+                 f"MNIST, CIFAR-10/100 and Tiny ImageNet; run one of those to compare."]
     if absent:
         notes.append("Also published for these datasets, for methods not in this report: "
                      + ", ".join(absent) + ".")

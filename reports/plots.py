@@ -28,6 +28,7 @@ STYLE = {
     "axes.titlesize": 10,
     "axes.labelsize": 9,
     "axes.grid": True,
+    "axes.axisbelow": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
     "axes.spines.right": False,
@@ -37,6 +38,7 @@ STYLE = {
     "savefig.bbox": "tight",
 }
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 PANEL = (5.0, 3.6)  # inches per subplot
 
 
@@ -47,29 +49,49 @@ class Plot:
     draw: Callable[[pd.DataFrame, pd.DataFrame], Figure]
 
 
+def _method_order(methods: list[str]) -> list[str]:
+    """The sorted registry, then any unregistered name (a method since renamed), sorted."""
+    registered = list(all_methods())
+    return registered + sorted(set(methods) - set(registered))
+
+
 def method_colours(methods: list[str]) -> dict[str, str]:
-    """A fixed colour per method: its index in the sorted registry (then any unregistered
-    name, sorted), in tab10 and then in tab20's lighter half."""
-    names = list(all_methods()) + sorted(set(methods) - set(all_methods()))
+    """A fixed colour per method from its place in `_method_order`: tab10, then tab20's
+    lighter half."""
     palette = list(matplotlib.colormaps["tab10"].colors)
     palette += list(matplotlib.colormaps["tab20"].colors)[1::2]
-    return {name: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, name in enumerate(names)}
+    return {name: matplotlib.colors.to_hex(palette[i % len(palette)])
+            for i, name in enumerate(_method_order(methods))}
+
+
+def method_markers(methods: list[str]) -> dict[str, str]:
+    """A fixed marker per method as well, so plots still read in black and white."""
+    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(_method_order(methods))}
 
 
 class Styler:
-    """Colour and line style of each variant, the same in every figure of a report."""
+    """Colour, marker and line style of each variant, the same in every figure of a report;
+    the legend label says when a variant's units are still running."""
 
     def __init__(self, summary: pd.DataFrame) -> None:
-        self.colours = method_colours(sorted(set(summary["method"])))
+        methods = sorted(set(summary["method"]))
+        self.colours, self.markers = method_colours(methods), method_markers(methods)
         variants = summary.drop_duplicates("variant")
         self.method = dict(zip(variants["variant"], variants["method"]))
         self.style: dict[str, str] = {}
         for _, group in variants.groupby("method"):
             for i, variant in enumerate(group["variant"]):
                 self.style[variant] = LINESTYLES[i % len(LINESTYLES)]
+        self.running = set(summary.loc[summary["status"] == "running", "variant"])
 
     def colour(self, variant: str) -> str:
         return self.colours[self.method[variant]]
+
+    def marker(self, variant: str) -> str:
+        return self.markers[self.method[variant]]
+
+    def label(self, variant: str) -> str:
+        return variant + (" (running)" if variant in self.running else "")
 
 
 def _figure(datasets: list[str], cols_per_dataset: int = 1) -> tuple[Figure, np.ndarray]:
@@ -123,7 +145,7 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
                     hi=("test_acc", "max"), seeds=("seed", "nunique"))
                 colour = styler.colour(variant)
                 ax.plot(per_epoch["x"], 100 * per_epoch["y"], styler.style[variant], color=colour,
-                        marker="o", markersize=3, label=variant)
+                        marker=styler.marker(variant), markersize=4, label=styler.label(variant))
                 if per_epoch["seeds"].max() > 1:
                     ax.fill_between(per_epoch["x"], 100 * per_epoch["lo"], 100 * per_epoch["hi"],
                                     color=colour, alpha=0.18, linewidth=0)
@@ -169,12 +191,12 @@ def memory_bars(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             kind = stats.loc[variant, "kind"]
             ax.bar(pos, mean[variant], color=styler.colour(variant), hatch=hatches[kind],
                    edgecolor="white", label=variant)
-            ax.text(pos, hi[variant], f" {mean[variant]:.0f}", ha="center", va="bottom",
-                    fontsize=7, rotation=90)
+            ax.text(pos, hi[variant], f"{mean[variant]:.3g}", ha="center", va="bottom", fontsize=7)
         errors = np.vstack([mean - lo, hi - mean])
         if (errors > 0).any():
             ax.errorbar(positions, mean, yerr=errors, fmt="none", ecolor="black", capsize=3)
         ax.set_xticks(positions, stats.index, rotation=35, ha="right")
+        ax.grid(False, axis="x")
         _log_if_wide(ax, mean, "y")
         ax.margins(y=0.15)
         kind_text = " / ".join(MEMORY_KINDS.get(k, k) + (" (hatched)" if hatches[k] else "")
@@ -219,10 +241,8 @@ def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             for variant, p in points.iterrows():
                 ax.errorbar(p["c"], p["acc"], xerr=[[p["c"] - p["c_lo"]], [p["c_hi"] - p["c"]]],
                             yerr=[[p["acc"] - p["acc_lo"]], [p["acc_hi"] - p["acc"]]],
-                            fmt="o", color=styler.colour(variant), markersize=6, capsize=2,
-                            label=variant)
-                ax.annotate(variant, (p["c"], p["acc"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=styler.colour(variant))
+                            fmt=styler.marker(variant), color=styler.colour(variant), markersize=7,
+                            capsize=2, label=variant)
             front = _pareto_front(points.rename(columns={"c": cost}), cost)
             ax.plot(front[cost], front["acc"], "--", color="grey", linewidth=1,
                     drawstyle="steps-post", label="Pareto front", zorder=0)

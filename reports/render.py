@@ -41,12 +41,14 @@ def _md_cell(text: str, best: bool) -> str:
 
 
 def markdown_table(table: Table) -> str:
+    """A pipe table and its notes; a table without rows is its notes alone (they say why)."""
+    notes = "\n".join(f"{note}\n" for note in table.notes)
+    if not table.rows:
+        return notes
     align = ["---:" if i in table.numeric else "---" for i in range(len(table.columns))]
     lines = ["| " + " | ".join(table.columns) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(_md_cell(c.text, c.best) for c in row) + " |" for row in table.rows]
-    if not table.rows:
-        lines = ["_no rows_"]
-    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in table.notes)
+    return "\n".join(lines) + "\n\n" + notes
 
 
 def markdown(doc: Document) -> str:
@@ -97,6 +99,8 @@ def html_table(table: Table) -> str:
             cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{_html_text(n)}</p>' for n in table.notes)
+    if not table.rows:
+        return notes
     return (f'<div class="scroll"><table id="{table.key}"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>{notes}")
 
@@ -160,4 +164,4 @@ def latex(doc: Document) -> str:
     for row in doc.runs.rows:
         head.append("% run: " + " | ".join(c.text for c in row))
     head += [f"% WARNING: {w}" for w in doc.warnings]
-    return "\n".join(head) + "\n\n" + "\n".join(tex_table(t) for t in doc.tables)
+    return "\n".join(head) + "\n\n" + "\n".join(tex_table(t) for t in doc.tables if t.rows)

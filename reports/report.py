@@ -49,6 +49,7 @@ def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame
     records = runs.records
     if len(records):
         records = records.merge(summary[["run", "unit", "variant"]], on=["run", "unit"], how="inner")
+        records = records.sort_values(["dataset", "method", "variant", "seed", "epoch"], kind="stable")
     acc, cost = accuracy_table(summary), cost_table(summary)
     ours = acc.merge(cost.drop(columns=["method", "n"]), on=["dataset", "variant"])
     comparison, absent = compare(ours, read_published())
