@@ -53,9 +53,8 @@ def _require(path: Path, obj: dict[str, Any], fields: tuple[str, ...]) -> None:
     """Check the schema version first: an older schema explains missing fields best."""
     schema = obj.get("schema")
     if schema != SCHEMA_VERSION:
-        found = "no schema field" if schema is None else f"schema {schema}"
-        raise ConfigError(f"{path}: records {found}, but this bpfree reads schema "
-                          f"{SCHEMA_VERSION}; re-run the unit with `bpfree run`")
+        found = "has no schema field (an older bpfree)" if schema is None else f"has schema {schema}"
+        raise ConfigError(f"{path} {found}, but this bpfree reads records schema {SCHEMA_VERSION}")
     missing = [f for f in fields if f not in obj]
     if missing:
         raise ConfigError(f"{path}: corrupt, missing {', '.join(missing)}")
@@ -69,7 +68,7 @@ def _read_records(path: Path) -> pd.DataFrame:
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}: corrupt, or written "
-                          f"by an older bpfree; re-run the unit with `bpfree run`")
+                          f"by an older bpfree")
     for column in ("epoch", "test_acc", "cum_time_s", "cum_train_flops"):
         if not pd.api.types.is_numeric_dtype(frame[column]):
             raise ConfigError(f"{path}: column {column} holds non-numbers: corrupt")
@@ -116,10 +115,14 @@ def read_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     meta = _read_json(run_dir / "meta.json")
     rows, records = [], []
     for unit in unit_dirs(run_dir):
-        row = _read_unit(unit)
+        try:
+            row = _read_unit(unit)
+            rec = _read_records(unit / "records.csv") if (unit / "records.csv").is_file() else None
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; to redo the unit, delete {unit} and re-run the "
+                              f"`bpfree run` command that made it") from None
         if row is None:
             continue
-        rec = _read_records(unit / "records.csv") if (unit / "records.csv").is_file() else None
         if row["status"] in ("running", "failed"):
             row.update(_progress(rec))
         rows.append(row)

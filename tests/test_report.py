@@ -118,7 +118,8 @@ def test_published_table_joins_on_dataset_method_and_config(tmp_path):
         unit("noprop-dt", 0, [0.98], dataset="mnist", embedding="learned", embed_dim=20),
         unit("backprop", 0, [0.97], dataset="mnist"),
     ])
-    comp = build([run])[1]["published_comparison"]
+    doc, frames, _, _ = build([run])
+    comp = frames["published_comparison"]
     test = comp[(comp["metric"] == "test acc %") & comp["source"].str.contains("NoProp")]
     got = {(r.variant, r.published): r.ours for r in test.itertuples()}
     assert got[("noprop-dt (embedding=one-hot)", 99.47)] == pytest.approx(99.0)
@@ -128,6 +129,9 @@ def test_published_table_joins_on_dataset_method_and_config(tmp_path):
     ren = comp[(comp["method"] == "backprop") & comp["source"].str.startswith("Ren")].iloc[0]
     assert ren["published"] == pytest.approx(100 - 2.66)  # printed as test error
     assert ren["difference"] == pytest.approx(97.0 - 97.34)
+    assert ("| noprop-dt (embedding=one-hot) | mnist | test acc % | 99.00 | 1 | 99.47 | -0.47 |"
+            in render.markdown(doc))
+    assert r"99.54 $\pm$ 0.04" in render.latex(doc)  # the paper's ± survives LaTeX escaping
 
 
 def test_published_csv_is_valid_data_and_method_specs_parse():
@@ -258,7 +262,7 @@ def _no_meta(run: Path) -> str:
 
 @pytest.mark.parametrize("damage,message", [
     (_corrupt_summary, "corrupt JSON"),
-    (_old_schema, "no schema field, but this bpfree reads schema"),
+    (_old_schema, "has no schema field (an older bpfree), but this bpfree reads records schema 1"),
     (_bad_records, "missing column(s) method, dataset, seed, test_acc"),
     (_no_meta, "is missing"),
 ])
