@@ -13,6 +13,7 @@ import pandas as pd
 
 MIB = 2**20
 MEMORY_KINDS = {"cuda-allocator": "CUDA allocator", "cpu-live-tensors": "CPU live tensors"}
+SHORT_KINDS = {"cuda-allocator": "CUDA", "cpu-live-tensors": "CPU"}  # for a narrow table column
 
 
 @dataclass
@@ -140,10 +141,10 @@ def cost(cost: pd.DataFrame) -> Table:
             text = _time_to_target(r) if fmt is None else fmt(r[column])
             cells.append(Cell(text, bool(flags[column] is not None and flags[column][i])))
             if column == "peak_mem_bytes":
-                cells.append(Cell(MEMORY_KINDS.get(r["peak_mem_kind"], r["peak_mem_kind"] or "-")))
+                cells.append(Cell(SHORT_KINDS.get(r["peak_mem_kind"], r["peak_mem_kind"] or "-")))
         rows.append(cells)
     headers = [h for c, h, _, _ in COSTS]
-    headers.insert(4, "memory kind")
+    headers.insert(4, "kind")
     columns = ["method", "dataset", "n", *headers]
     notes = [
         "Means over the n measured seeds (finished or diverged); **bold**: the cheapest on that "
@@ -151,12 +152,12 @@ def cost(cost: pd.DataFrame) -> Table:
         "evaluation excluded.",
         f"Time to target: training time until the test accuracy first reached the target "
         f"({_targets(cost)}), averaged over the seeds that reached it.",
-        "Peak memory is of one training step: the CUDA allocator peak on a GPU, or on CPU the "
-        "peak of live tensor bytes plus parameters, buffers and optimiser state; the two kinds "
-        "are not comparable. Activations held: the most bytes autograd keeps for backward at "
+        "Peak memory is of one training step: the CUDA allocator peak on a GPU (kind CUDA), or "
+        "on CPU the peak of live tensor bytes plus parameters, buffers and optimiser state "
+        "(kind CPU); the two kinds are not comparable. Activations held: the most bytes autograd keeps for backward at "
         "once. FLOPs are for one minibatch of the run's batch size.",
     ]
-    numeric = set(range(2, len(columns))) - {columns.index("memory kind")}
+    numeric = set(range(2, len(columns))) - {columns.index("kind")}
     return Table("cost", "Cost", columns, rows, notes, numeric)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from reports.display import Table
 
+WRAP_AT = 40  # characters: a cell longer than this may wrap (HTML) or sets a paragraph column (LaTeX)
+
 
 @dataclass
 class Document:
@@ -67,14 +69,16 @@ def markdown(doc: Document) -> str:
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
-       margin: 0 auto; max-width: 1280px; padding: 24px; }
+       margin: 0 auto; max-width: 1500px; padding: 24px; }
 h1 { font-size: 24px; } h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #d0d7de; }
 h3 { font-size: 15px; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid #d0d7de; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; white-space: nowrap; }
-td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #d0d7de; text-align: left;
+         vertical-align: top; white-space: nowrap; }
+th { background: #f6f8fa; white-space: normal; min-width: 4em; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.long { white-space: normal; min-width: 12em; overflow-wrap: anywhere; }
 tr:nth-child(even) td { background: #fafbfc; }
 p.note { color: #57606a; font-size: 13px; margin: 4px 0; max-width: 1100px; }
 .warning { background: #fff8c5; border: 1px solid #d4a72c; padding: 8px 12px; margin: 8px 0; }
@@ -88,14 +92,17 @@ def _html_text(text: str) -> str:
 
 
 def html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    num = ' class="num"'
+    head = "".join(f"<th{num if i in table.numeric else ''}>{html.escape(c)}</th>"
+                   for i, c in enumerate(table.columns))
     body = []
     for row in table.rows:
         cells = []
         for i, cell in enumerate(row):
             text = html.escape(cell.text)
             text = f"<strong>{text}</strong>" if cell.best else text
-            cls = ' class="num"' if i in table.numeric else ""
+            cls = num if i in table.numeric else (
+                ' class="long"' if len(cell.text) > WRAP_AT or table.key == "runs" else "")
             cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{_html_text(n)}</p>' for n in table.notes)
@@ -130,7 +137,6 @@ def html_page(doc: Document) -> str:
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$"}
-WRAP_AT = 40  # characters: longer text columns wrap in a paragraph column
 
 
 def tex_escape(text: str) -> str:
