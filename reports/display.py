@@ -89,7 +89,7 @@ def accuracy(acc: pd.DataFrame) -> Table:
     for i, r in acc.iterrows():
         cells = [Cell(r["variant"]), Cell(r["dataset"]), Cell(str(r["n"]))]
         cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_std"]), bool(flags[m][i])) for m, _ in metrics]
-        cells += [Cell(str(r["epochs"])), Cell(r["status"])]
+        cells += [Cell(f"{r['epochs']:.0f}" if finite(r["epochs"]) else "-"), Cell(r["status"])]
         rows.append(cells)
     columns = ["method", "dataset", "n", *(label for _, label in metrics), "epochs", "status"]
     notes = [

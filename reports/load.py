@@ -75,20 +75,29 @@ def _read_records(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _read_unit(unit: Path) -> dict[str, Any] | None:
-    """The unit's summary row (status included), or None for a folder not yet written to."""
+def _read_unit(unit: Path, run_defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """The unit's summary row (status included), or None for a folder not yet written to.
+
+    A unit that failed before writing unit.json (say, its method no longer imports) has only
+    failed.json: its budget then comes from the run's spec (`run_defaults`) and its config is
+    unknown, so that it is still listed as failed rather than lost.
+    """
     if unit_is_done(unit):
         row = _read_json(unit / "summary.json")
         _require(unit / "summary.json", row, SUMMARY_FIELDS)
         if row["status"] not in STATUSES:
             raise ConfigError(f"{unit / 'summary.json'}: unknown status {row['status']!r}")
         return row
-    if not (unit / "unit.json").is_file():
+    failed = _read_json(unit / "failed.json") if (unit / "failed.json").is_file() else None
+    if (unit / "unit.json").is_file():
+        row = _read_json(unit / "unit.json")
+        _require(unit / "unit.json", row, IDENTITY_FIELDS)
+    elif failed is not None:
+        row = {**run_defaults, **failed, "schema": SCHEMA_VERSION}
+        _require(unit / "failed.json", row, IDENTITY_FIELDS)
+    else:
         return None
-    row = _read_json(unit / "unit.json")
-    _require(unit / "unit.json", row, IDENTITY_FIELDS)
-    if (unit / "failed.json").is_file():
-        failed = _read_json(unit / "failed.json")
+    if failed is not None:
         return {**row, "status": "failed", "error": str(failed.get("error", "unknown error"))}
     return {**row, "status": "running"}
 
@@ -113,10 +122,13 @@ def read_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     if not (run_dir / "meta.json").is_file():
         raise ConfigError(f"{run_dir / 'meta.json'} is missing: not a complete bpfree run folder")
     meta = _read_json(run_dir / "meta.json")
+    spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
+    run_defaults = {"config": "{}", "epochs": spec.get("epochs"),
+                    "batch_size": spec.get("batch_size"), "device": meta.get("device")}
     rows, records = [], []
     for unit in unit_dirs(run_dir):
         try:
-            row = _read_unit(unit)
+            row = _read_unit(unit, run_defaults)
             rec = _read_records(unit / "records.csv") if (unit / "records.csv").is_file() else None
         except ConfigError as exc:
             raise ConfigError(f"{exc}; to redo the unit, delete {unit} and re-run the "

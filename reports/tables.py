@@ -86,7 +86,7 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {
             "dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
             "n": len(counted), "seeds": " ".join(str(s) for s in sorted(counted["seed"])),
-            "partial": partial, "epochs": int(group["epochs"].max()),
+            "partial": partial, "epochs": pd.to_numeric(group["epochs"]).max(),
             "status": _status(group), "config": group["config"].iloc[0],
         }
         for metric in ACCURACY_METRICS:

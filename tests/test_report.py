@@ -28,7 +28,7 @@ from reports.report import build, write_report
 META = {"command": "bpfree run --suite quick", "started": "2026-01-01T00:00:00+00:00",
         "resumed": [], "git_commit": "abc123", "python": "3.11.7", "torch": "2.14.1",
         "cuda": None, "device": "cpu", "device_name": "x86_64", "cpu_count": 2,
-        "torch_threads": 2, "platform": "Linux", "spec": {}}
+        "torch_threads": 2, "platform": "Linux", "spec": {"epochs": 2, "batch_size": 128}}
 
 
 def unit(method: str, seed: int, accs: list[float], status: str = "finished",
@@ -52,7 +52,8 @@ def write_run(run: Path, units: list[dict[str, Any]], **meta: Any) -> Path:
         identity = {"schema": SCHEMA_VERSION, "unit": uid, "method": u["method"],
                     "family": "x", "dataset": u["dataset"], "seed": u["seed"], "preset": "quick",
                     "config": config, "epochs": u["epochs"], "batch_size": 128, "device": "cpu"}
-        (folder / "unit.json").write_text(json.dumps(identity))
+        if u["status"] != "failed-early":  # failed before the harness wrote unit.json
+            (folder / "unit.json").write_text(json.dumps(identity))
         rows = [{"unit": uid, "method": u["method"], "dataset": u["dataset"], "seed": u["seed"],
                  "epoch": e + 1, "train_acc": acc + 0.01, "test_acc": acc, "val_acc": float("nan"),
                  "epoch_time_s": 2.0, "cum_time_s": 2.0 * (e + 1),
@@ -60,9 +61,10 @@ def write_run(run: Path, units: list[dict[str, Any]], **meta: Any) -> Path:
                 for e, acc in enumerate(u["accs"])]
         if rows:
             pd.DataFrame(rows).to_csv(folder / "records.csv", index=False)
-        if u["status"] == "failed":
+        if u["status"] in ("failed", "failed-early"):
             (folder / "failed.json").write_text(json.dumps({
-                "unit": uid, "status": "failed", "error": "RuntimeError: boom"}))
+                "unit": uid, "method": u["method"], "dataset": u["dataset"], "seed": u["seed"],
+                "preset": "quick", "status": "failed", "error": "RuntimeError: boom"}))
         elif u["status"] in ("finished", "diverged"):
             summary = {**identity, "status": u["status"], "epochs_done": len(rows),
                        "final_test_acc": u["accs"][-1], "best_test_acc": max(u["accs"]),
@@ -204,6 +206,7 @@ def test_diverged_running_and_failed_units_are_shown_not_dropped(tmp_path):
         unit("noprop-dt", 1, [0.6, 0.8]),
         unit("fg-w", 0, [0.7], status="running", epochs=3),
         unit("dtp", 0, [], status="failed"),
+        unit("noprop-fm", 0, [], status="failed-early"),
     ])
     text = render.markdown(build([run])[0])
     section = text.split("## Accuracy")[1].split("## ")[0]
@@ -214,7 +217,9 @@ def test_diverged_running_and_failed_units_are_shown_not_dropped(tmp_path):
     assert "1 running (seed 0: 1/3 epochs)" in rows["fg-w"] and "**" not in rows["fg-w"]
     assert "| fg-w | mnist-5k | 1 | 70.00 |" in rows["fg-w"]
     assert "1 failed" in rows["dtp"]
+    assert "1 failed" in rows["noprop-fm"]
     assert "dtp on mnist-5k, seed 0: RuntimeError: boom" in text
+    assert "noprop-fm on mnist-5k, seed 0: RuntimeError: boom" in text
 
 
 def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
