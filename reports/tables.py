@@ -32,11 +32,12 @@ def _settings(row: pd.Series) -> dict[str, Any]:
 
 def assign_variants(summary: pd.DataFrame) -> pd.DataFrame:
     """Add `variant`: the method name, plus `(key=value, ...)` for the settings in which the
-    method's units differ within this report, so one configuration reads as just the name."""
+    method's units on the same dataset differ, so one configuration reads as just the name
+    (rows are per dataset already: a different epoch budget on another dataset is no news)."""
     summary = summary.copy()
     settings = summary.apply(_settings, axis=1)
     labels = pd.Series(summary["method"], index=summary.index, dtype=object)
-    for _method, idx in summary.groupby("method").groups.items():
+    for _, idx in summary.groupby(["method", "dataset"]).groups.items():
         dicts = [settings[i] for i in idx]
         keys = sorted({k for d in dicts for k in d})
         differing = [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]

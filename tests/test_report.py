@@ -112,6 +112,10 @@ def test_variants_of_one_method_get_separate_labelled_rows(tmp_path):
     assert set(frames["accuracy"]["variant"]) == {
         "noprop-dt (embedding=one-hot)", "noprop-dt (embedding=prototype)", "backprop-blocks"}
     assert set(frames["cost"]["baseline"]) == {"backprop-blocks"}  # no `backprop`: the fallback
+    other = write_run(tmp_path / "other", [unit("noprop-dt", 0, [0.9, 0.9], dataset="mnist",
+                                                embedding="one-hot")])
+    labels = build([run, other])[1]["accuracy"].set_index("dataset")["variant"]
+    assert labels["mnist"] == "noprop-dt"  # its only configuration on that dataset
 
 
 def test_published_table_joins_on_dataset_method_and_config(tmp_path):
