@@ -147,8 +147,9 @@ def cost(cost: pd.DataFrame) -> Table:
     headers.insert(4, "kind")
     columns = ["method", "dataset", "n", *headers]
     notes = [
-        "Means over the n measured seeds (finished or diverged); **bold**: the cheapest on that "
-        "dataset (the fastest for throughput). Times are training only, device synchronised, "
+        "Means over the n measured seeds (finished or diverged; throughput as the harmonic "
+        "mean, so that it matches time / epoch); **bold**: the cheapest on that dataset (the "
+        "fastest for throughput). Times are training only, device synchronised, "
         "evaluation excluded.",
         f"Time to target: training time until the test accuracy first reached the target "
         f"({_targets(cost)}), averaged over the seeds that reached it.",

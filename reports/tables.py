@@ -112,6 +112,14 @@ def _baseline(rows: pd.DataFrame) -> pd.Series | None:
     return None
 
 
+def _mean(values: pd.Series, harmonic: bool = False) -> float:
+    """The mean over seeds; harmonic for a rate (images per second), so that the mean
+    throughput and the mean time per epoch describe the same speed when seeds' times vary."""
+    if values.empty:
+        return float("nan")
+    return 1 / (1 / values).mean() if harmonic else values.mean()
+
+
 def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per variant x dataset: mean cost over the measured units, and each cost as a ratio to
     the baseline (`backprop`, else `backprop-blocks`) on the same dataset and device.
@@ -132,7 +140,7 @@ def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
         }
         for metric in COST_METRICS:
             values = pd.to_numeric(measured[metric], errors="coerce").dropna()
-            row[metric] = values.mean() if len(values) else float("nan")
+            row[metric] = _mean(values, harmonic=metric == "throughput_img_s")
         rows.append(row)
     table = pd.DataFrame(rows)
     table["baseline"] = ""
