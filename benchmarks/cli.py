@@ -170,6 +170,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from benchmarks.check import BASELINE, run_check
+
+    return run_check(Path(args.baseline) if args.baseline else BASELINE, args.update)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,17 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", help="output folder (default RUN_DIR/report)")
     report.set_defaults(fn=cmd_report)
+
+    check = sub.add_parser("check", help="CI regression gate: deterministic metrics vs the baseline")
+    check.add_argument("--baseline", help="baseline CSV (default results/baseline/ci.csv)")
+    check.add_argument("--update", action="store_true",
+                       help="rewrite the baseline with the current measurements")
+    check.set_defaults(fn=cmd_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)
     except ConfigError as exc:
         print(f"bpfree: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

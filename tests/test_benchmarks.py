@@ -1,0 +1,80 @@
+"""pytest-benchmark benchmarks of every registered method, and the asv suite's shape.
+
+Under the suite's `--benchmark-disable` (pyproject's addopts) each benchmark runs its target
+once as a plain test, so the benchmarks cannot rot; `--benchmark-enable` times them (pedantic
+mode: warm-up rounds, then timed rounds). Batches are smaller than asv's so the suite stays
+fast; the workflow is in docs/benchmarking.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from asv_runner.discovery import disc_benchmarks
+
+from benchmarks.bench_methods import SHAPES, build_method
+from benchmarks.harness import measure_costs
+from tests.conftest import METHODS
+
+BATCH = 32
+ROUNDS, WARMUP_ROUNDS = 5, 1
+CPU = torch.device("cpu")
+
+
+@functools.cache
+def costs(name: str) -> dict[str, Any]:
+    """FLOPs, bytes held for backward and peak memory of one step (deterministic on CPU)."""
+    method, x, y = build_method(name, "mnist", "cpu", batch=BATCH)
+    return measure_costs(method, x, y, CPU)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_step(benchmark, name):
+    method, x, y = build_method(name, "mnist", "cpu", batch=BATCH)
+    method.train()
+    info = costs(name)
+    benchmark.extra_info.update(
+        {k: info[k] for k in ("params", "flops_train_step", "act_bytes_peak", "act_bytes_total",
+                              "peak_mem_bytes", "peak_mem_kind")}, batch=BATCH)
+    out = benchmark.pedantic(method.train_step, args=(x, y), rounds=ROUNDS,
+                             warmup_rounds=WARMUP_ROUNDS)
+    assert torch.isfinite(out["loss"])
+    assert info["flops_train_step"] > 0 and info["act_bytes_peak"] > 0
+    assert info["peak_mem_bytes"] > info["act_bytes_peak"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_predict(benchmark, name):
+    method, x, _ = build_method(name, "mnist", "cpu", batch=BATCH)
+    method.eval()
+    info = costs(name)
+    benchmark.extra_info.update(
+        {k: info[k] for k in ("params", "flops_predict", "act_bytes_peak", "peak_mem_bytes",
+                              "peak_mem_kind")}, batch=BATCH)
+    scores = benchmark.pedantic(method.predict, args=(x,), rounds=ROUNDS,
+                                warmup_rounds=WARMUP_ROUNDS)
+    assert scores.shape == (BATCH, SHAPES["mnist"][1]) and torch.isfinite(scores).all()
+    assert info["flops_predict"] > 0
+
+
+def test_asv_finds_every_method_and_nothing_else():
+    """asv treats any time_/mem_/peakmem_/track_ function under benchmarks/ as a benchmark:
+    only bench_methods may define them, and each must cover every registered method."""
+    found = {b.name: b for b in disc_benchmarks(str(Path(__file__).parents[1] / "benchmarks"))}
+    assert set(found) == {
+        "bench_methods.TrainStep.time_train_step",
+        "bench_methods.TrainStepMemory.peakmem_train_step",
+        "bench_methods.Predict.time_predict",
+        "bench_methods.GateMetrics.track_flops_train_step",
+        "bench_methods.GateMetrics.track_activation_bytes",
+        "bench_methods.GateMetrics.track_test_error",
+    }
+    for bench in found.values():
+        assert list(bench.params[0]) == [repr(m) for m in METHODS]
+        assert bench.version is not None  # set by hand, so edits keep the history
+        if bench.name.split(".")[-1].startswith("track_"):
+            assert bench.unit not in (None, "unit")
