@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from methods import all_methods
 from reports.display import MEMORY_KINDS, MIB
@@ -50,9 +51,10 @@ class Plot:
 
 
 def _method_order(methods: list[str]) -> list[str]:
-    """The sorted registry, then any unregistered name (a method since renamed), sorted."""
-    registered = list(all_methods())
-    return registered + sorted(set(methods) - set(registered))
+    """The registry's names and the report's, sorted together: a method that has left the
+    registry (renamed, or not importable right now) keeps the place, and so the colour, it
+    had while registered."""
+    return sorted(set(all_methods()) | set(methods))
 
 
 def method_colours(methods: list[str]) -> dict[str, str]:
@@ -118,11 +120,24 @@ def _empty(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
+def _clamp_percent(ax: Axes) -> None:
+    """Keep an accuracy axis inside [0, 100] (plus room for markers): matplotlib's padding
+    around a single point would otherwise show 104%."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -1), min(high, 101))
+
+
 def _log_if_wide(ax: Axes, values: pd.Series, axis: str = "x") -> None:
-    """Log scale when the values span more than 30x: methods differ by orders of magnitude."""
+    """Log scale when the values span more than 30x: methods differ by orders of magnitude.
+    Only decades are labelled (minor labels like 2x10^1 would collide), as plain numbers below
+    a million (seconds, MiB) and in powers of ten above (FLOPs)."""
     values = values[values > 0]
     if len(values) and values.max() / values.min() > 30:
+        target = ax.xaxis if axis == "x" else ax.yaxis
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        target.set_minor_formatter(NullFormatter())
+        if values.max() < 1e6:
+            target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame], Figure]:
@@ -155,8 +170,11 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
                         markeredgewidth=2, label="diverged (last epoch)" if len(ends) else None)
             if x != "epoch":
                 _log_if_wide(ax, data[x])
+            elif data["epoch"].nunique() <= 12:
+                ax.set_xticks(sorted(data["epoch"].unique()))
             else:
                 ax.xaxis.get_major_locator().set_params(integer=True)
+            _clamp_percent(ax)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
         _legend(fig, axes)
@@ -250,6 +268,7 @@ def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             ax.set_xlabel(label + (" (mixed kinds)" if data["peak_mem_kind"].nunique() > 1
                                    and cost == "peak_mem_bytes" else ""))
             ax.set_ylabel("final test accuracy (%)")
+            _clamp_percent(ax)
     _legend(fig, axes)
     return fig
 
