@@ -204,8 +204,8 @@ def published(comp: pd.DataFrame, absent: list[str], datasets: list[str]) -> Tab
         notes = [f"No published numbers for {', '.join(datasets)}: the papers report full "
                  f"MNIST, CIFAR-10/100 and Tiny ImageNet; run one of those to compare."]
     if absent:
-        notes.append("Also published for these datasets, for methods not in this report: "
-                     + ", ".join(absent) + ".")
+        notes.append("Also published on these datasets, for methods this report has no run "
+                     "of there: " + ", ".join(absent) + ".")
     return Table("published", "Published results", columns, rows, notes, {3, 4, 5, 6})
 
 

@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from methods import all_methods
 from reports.display import MEMORY_KINDS, MIB
 from reports.tables import COMPLETE
 
+DPI = 150  # PNG resolution; the HTML page shows figures at 100 dpi, sharp on HiDPI screens
 STYLE = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -35,7 +36,7 @@ STYLE = {
     "axes.spines.right": False,
     "legend.fontsize": 8,
     "legend.frameon": False,
-    "savefig.dpi": 150,
+    "savefig.dpi": DPI,
     "savefig.bbox": "tight",
 }
 LINESTYLES = ("-", "--", ":", "-.")
@@ -96,16 +97,24 @@ class Styler:
         return variant + (" (running)" if variant in self.running else "")
 
 
-def _figure(datasets: list[str], cols_per_dataset: int = 1) -> tuple[Figure, np.ndarray]:
-    rows = max(len(datasets), 1)
-    fig = Figure(figsize=(PANEL[0] * cols_per_dataset, PANEL[1] * rows), layout="constrained")
-    axes = fig.subplots(rows, cols_per_dataset, squeeze=False)
-    return fig, axes
+def _figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _legend(fig: Figure, axes: np.ndarray) -> None:
+def _panels(datasets: list[str]) -> tuple[Figure, list[Axes]]:
+    """One panel per dataset, side by side, three to a row; unused panels hidden."""
+    cols = min(len(datasets), 3)
+    fig, axes = _figure(-(-len(datasets) // cols), cols)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:len(datasets)])
+
+
+def _legend(fig: Figure) -> None:
+    """One legend for the whole figure, right of the panels, each label once."""
     handles, labels = {}, []
-    for ax in axes.flat:
+    for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             if label not in handles:
                 handles[label] = handle
@@ -127,17 +136,23 @@ def _clamp_percent(ax: Axes) -> None:
     ax.set_ylim(max(low, -1), min(high, 101))
 
 
-def _log_if_wide(ax: Axes, values: pd.Series, axis: str = "x") -> None:
-    """Log scale when the values span more than 30x: methods differ by orders of magnitude.
-    Only decades are labelled (minor labels like 2x10^1 would collide), as plain numbers below
-    a million (seconds, MiB) and in powers of ten above (FLOPs)."""
+def _scale_axis(ax: Axes, values: pd.Series, axis: str = "x") -> None:
+    """Scale and tick labels for a cost axis. Log when the values span more than 30x (methods
+    differ by orders of magnitude): below a million (seconds, MiB) ticks at 1, 2, 5 x 10^k as
+    plain numbers, above (FLOPs) at powers of ten, minor ticks unlabelled (matplotlib's minor
+    labels collide). Linear axes of large numbers read 3.2T rather than 3.2 with a 1e12 offset."""
     values = values[values > 0]
-    if len(values) and values.max() / values.min() > 30:
-        target = ax.xaxis if axis == "x" else ax.yaxis
+    if values.empty:
+        return
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if values.max() / values.min() > 30:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
         target.set_minor_formatter(NullFormatter())
         if values.max() < 1e6:
+            target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    elif values.max() >= 1e6:
+        target.set_major_formatter(EngFormatter(sep=""))
 
 
 def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame], Figure]:
@@ -147,8 +162,8 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
     def draw(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         styler = Styler(summary)
         datasets = sorted(set(summary["dataset"]))
-        fig, axes = _figure(datasets)
-        for ax, dataset in zip(axes[:, 0], datasets):
+        fig, axes = _panels(datasets)
+        for ax, dataset in zip(axes, datasets):
             ax.set_title(dataset)
             data = records[records["dataset"] == dataset] if len(records) else records
             if data.empty:
@@ -169,7 +184,7 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
                 ax.plot(ends[x], 100 * ends["test_acc"], "x", color=colour, markersize=8,
                         markeredgewidth=2, label="diverged (last epoch)" if len(ends) else None)
             if x != "epoch":
-                _log_if_wide(ax, data[x])
+                _scale_axis(ax, data[x])
             elif data["epoch"].nunique() <= 12:
                 ax.set_xticks(sorted(data["epoch"].unique()))
             else:
@@ -177,7 +192,7 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
             _clamp_percent(ax)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
-        _legend(fig, axes)
+        _legend(fig)
         return fig
 
     return draw
@@ -191,8 +206,8 @@ def memory_bars(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     """Peak memory of one training step per variant, min-max over seeds as error bars."""
     styler = Styler(summary)
     datasets = sorted(set(summary["dataset"]))
-    fig, axes = _figure(datasets)
-    for ax, dataset in zip(axes[:, 0], datasets):
+    fig, axes = _panels(datasets)
+    for ax, dataset in zip(axes, datasets):
         ax.set_title(dataset)
         data = _complete(summary[summary["dataset"] == dataset])
         if data.empty:
@@ -214,13 +229,15 @@ def memory_bars(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         if (errors > 0).any():
             ax.errorbar(positions, mean, yerr=errors, fmt="none", ecolor="black", capsize=3)
         ax.set_xticks(positions, stats.index, rotation=35, ha="right")
+        pad = 0.6 + max(0, 3 - len(stats)) / 2  # a lone bar is not the panel's full width
+        ax.set_xlim(-pad, len(stats) - 1 + pad)
         ax.grid(False, axis="x")
-        _log_if_wide(ax, mean, "y")
+        _scale_axis(ax, mean, "y")
         ax.margins(y=0.15)
         kind_text = " / ".join(MEMORY_KINDS.get(k, k) + (" (hatched)" if hatches[k] else "")
                                for k in kinds)
         ax.set_ylabel(f"peak memory of one step (MiB)\n{kind_text}")
-    _legend(fig, axes)
+    _legend(fig)
     return fig
 
 
@@ -242,7 +259,7 @@ def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     datasets = sorted(set(summary["dataset"]))
     costs = [("train_time_s", "training time (s)", 1.0),
              ("peak_mem_bytes", "peak memory of one step (MiB)", MIB)]
-    fig, axes = _figure(datasets, len(costs))
+    fig, axes = _figure(len(datasets), len(costs))
     for row, dataset in enumerate(datasets):
         data = _complete(summary[summary["dataset"] == dataset])
         for col, (cost, label, scale) in enumerate(costs):
@@ -264,12 +281,12 @@ def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             front = _pareto_front(points.rename(columns={"c": cost}), cost)
             ax.plot(front[cost], front["acc"], "--", color="grey", linewidth=1,
                     drawstyle="steps-post", label="Pareto front", zorder=0)
-            _log_if_wide(ax, points["c"])
+            _scale_axis(ax, points["c"])
             ax.set_xlabel(label + (" (mixed kinds)" if data["peak_mem_kind"].nunique() > 1
                                    and cost == "peak_mem_bytes" else ""))
             ax.set_ylabel("final test accuracy (%)")
             _clamp_percent(ax)
-    _legend(fig, axes)
+    _legend(fig)
     return fig
 
 

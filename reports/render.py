@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from reports.display import Table
+from reports.plots import DPI
 
 WRAP_AT = 40  # characters: a cell longer than this may wrap (HTML) or sets a paragraph column (LaTeX)
 
@@ -112,6 +113,12 @@ def html_table(table: Table) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>{notes}")
 
 
+def _display_width(png: bytes) -> int:
+    """CSS width for a figure: its pixel width (in the PNG header) shown at 100 dpi, so text
+    in the plot is about as large as the page's."""
+    return int.from_bytes(png[16:20], "big") * 100 // DPI
+
+
 def html_page(doc: Document) -> str:
     """One file with everything inline (style, PNGs as base64 data URIs): no network."""
     parts = [f"<h1>{html.escape(doc.title)}</h1>", f"<p>{_html_text(doc.intro)}</p>"]
@@ -126,7 +133,8 @@ def html_page(doc: Document) -> str:
     for key, title, png in doc.figures:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<h3 id="{key}">{html.escape(title)}</h3>'
-                     f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+                     f'<img alt="{html.escape(title)}" width="{_display_width(png)}" '
+                     f'src="data:image/png;base64,{data}">')
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(doc.title)}</title><style>{CSS}</style></head>"
             f"<body>{''.join(parts)}</body></html>\n")
