@@ -151,19 +151,32 @@ def tex_escape(text: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+def _tex_header(text: str) -> str:
+    """`time / epoch (s)` -> the name over its unit, so wide cost tables stay narrow."""
+    name, paren, unit = text.partition(" (")
+    if not paren:
+        return tex_escape(text)
+    return rf"\begin{{tabular}}[b]{{@{{}}c@{{}}}}{tex_escape(name)}\\({tex_escape(unit)}\end{{tabular}}"
+
+
+def _tex_cell(text: str, best: bool) -> str:
+    text = "--" if text == "-" else tex_escape(text)
+    return rf"\textbf{{{text}}}" if best else text
+
+
 def tex_table(table: Table) -> str:
+    """A booktabs float; shrunk to the line width only when wider than it."""
     spec = []
     for i in range(len(table.columns)):
         longest = max((len(row[i].text) for row in table.rows), default=0)
         spec.append("r" if i in table.numeric else
                     r">{\raggedright\arraybackslash}p{4cm}" if longest > WRAP_AT else "l")
-    lines = [r"\begin{table}[htbp]", r"\centering", r"\small",
+    lines = [r"\begin{table}[htbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
              rf"\caption{{{tex_escape(table.title)}}}", rf"\label{{tab:bpfree-{table.key}}}",
-             r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{''.join(spec)}}}", r"\toprule",
-             " & ".join(tex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
-    for row in table.rows:
-        cells = [rf"\textbf{{{tex_escape(c.text)}}}" if c.best else tex_escape(c.text) for c in row]
-        lines.append(" & ".join(cells) + r" \\")
+             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+             rf"\begin{{tabular}}{{{''.join(spec)}}}", r"\toprule",
+             " & ".join(_tex_header(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_cell(c.text, c.best) for c in row) + r" \\" for row in table.rows]
     lines += [r"\bottomrule", r"\end{tabular}}"]
     notes = " ".join(_inline(tex_escape(n), (r"\textbf{", "}"), (r"\texttt{", "}"))
                      for n in table.notes)

@@ -200,7 +200,7 @@ def test_every_file_is_written_pngs_decode_and_html_embeds_them(tmp_path):
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert not any(link.startswith(("http:", "https:", "//")) for link in parser.links)
     tex = (out / "tables.tex").read_text()
-    assert tex.count(r"\begin{tabular}") == 3 and tex.count(r"\bottomrule") == 3  # no published
+    assert tex.count(r"\begin{table}") == 3 and tex.count(r"\bottomrule") == 3  # no published
     assert r"\label{tab:bpfree-accuracy}" in tex and r"\label{tab:bpfree-published}" not in tex
     assert pd.read_csv(out / "accuracy.csv")["variant"].tolist() == ["backprop", "fg-w", "noprop-dt"]
 
