@@ -79,7 +79,7 @@ def _best_flags(frame: pd.DataFrame, column: str, higher: bool, eligible: pd.Ser
 
 def accuracy(acc: pd.DataFrame) -> Table:
     metrics = [("final_test_acc", "test acc % (final)"),
-               ("best_test_acc", "test acc % (best epoch)"),
+               ("best_test_acc", "test acc % (best epoch: reference)"),
                ("final_train_acc", "train acc % (final)")]
     if acc["final_val_acc_mean"].notna().any():
         metrics.append(("final_val_acc", "val acc % (final)"))

@@ -125,6 +125,7 @@ def test_published_table_joins_on_dataset_method_and_config(tmp_path):
         unit("noprop-dt", 0, [0.99], dataset="mnist", embedding="one-hot", embed_dim=20),
         unit("noprop-dt", 0, [0.98], dataset="mnist", embedding="learned", embed_dim=20),
         unit("backprop", 0, [0.97], dataset="mnist"),
+        unit("fg-w", 0, [0.90], dataset="mnist", status="running", epochs=3),
     ])
     doc, frames, _, _ = build([run])
     comp = frames["published_comparison"]
@@ -137,6 +138,8 @@ def test_published_table_joins_on_dataset_method_and_config(tmp_path):
     ren = comp[(comp["method"] == "backprop") & comp["source"].str.startswith("Ren")].iloc[0]
     assert ren["published"] == pytest.approx(100 - 2.66)  # printed as test error
     assert ren["difference"] == pytest.approx(97.0 - 97.34)
+    running = comp[comp["method"] == "fg-w"]
+    assert set(running["variant"]) == {"fg-w (running)"} and set(running["ours"]) == {90.0}
     assert ("| noprop-dt (embedding=one-hot) | mnist | test acc % | 99.00 | 1 | 99.47 | -0.47 |"
             in render.markdown(doc))
     assert r"99.54 $\pm$ 0.04" in render.latex(doc)  # the paper's ± survives LaTeX escaping
@@ -155,7 +158,7 @@ def test_published_csv_is_valid_data_and_method_specs_parse():
 def test_compare_skips_methods_not_in_the_report():
     ours = pd.DataFrame([{"dataset": "d", "variant": "a", "method": "a", "config": "{}",
                           "final_test_acc_mean": 0.5, "final_test_acc_std": float("nan"),
-                          "n": 1, "epochs": 1}])
+                          "n": 1, "epochs": 1, "partial": False}])
     pub = pd.DataFrame([{"source": "s", "table": "T", "method": m, "dataset": "d",
                          "metric": "test_acc", "value": 40.0, "std": float("nan"), "note": ""}
                         for m in ("a", "b")])
