@@ -40,7 +40,7 @@ STYLE = {
     "savefig.bbox": "tight",
 }
 LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h", "<", ">", "p", "d")  # no x: it marks divergence
 PANEL = (5.0, 3.6)  # inches per subplot
 
 
@@ -181,8 +181,8 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
                                     color=colour, alpha=0.18, linewidth=0)
                 ends = group[group["unit"].isin(summary.loc[summary["status"] == "diverged", "unit"])]
                 ends = ends.sort_values("epoch").groupby("unit").tail(1)
-                ax.plot(ends[x], 100 * ends["test_acc"], "x", color=colour, markersize=8,
-                        markeredgewidth=2, label="diverged (last epoch)" if len(ends) else None)
+                ax.plot(ends[x], 100 * ends["test_acc"], "x", color="black", markersize=8,
+                        markeredgewidth=2, label="diverged seed (last epoch)" if len(ends) else None)
             if x != "epoch":
                 _scale_axis(ax, data[x])
             elif data["epoch"].nunique() <= 12:
