@@ -26,7 +26,8 @@ def table(metas: dict[str, dict[str, Any]]) -> Table:
         rows.append([Cell(run), Cell(meta.get("command", "?")), Cell(dates),
                      Cell(meta.get("git_commit", "?")), Cell(device), Cell(versions)])
     columns = ["run folder", "command", "started (UTC)", "commit", "device", "versions"]
-    notes = ["A commit ending in -dirty was run from a tree with uncommitted changes."]
+    dirty = any(str(meta.get("git_commit", "")).endswith("-dirty") for meta in metas.values())
+    notes = ["A commit ending in -dirty was run from a tree with uncommitted changes."] if dirty else []
     return Table("runs", "Runs", columns, rows, notes)
 
 
