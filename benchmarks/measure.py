@@ -111,7 +111,8 @@ class _LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if not isinstance(t, Tensor):
+            # Forward AD's zero tangents (`_efficientzerotensor`) have no storage and no memory.
+            if not isinstance(t, Tensor) or t._is_zerotensor():
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()

@@ -43,7 +43,9 @@ def test_train_step(benchmark, name):
     out = benchmark.pedantic(method.train_step, args=(x, y), rounds=ROUNDS,
                              warmup_rounds=WARMUP_ROUNDS)
     assert torch.isfinite(out["loss"])
-    assert info["flops_train_step"] > 0 and info["act_bytes_peak"] > 0
+    assert info["flops_train_step"] > 0
+    # Forward-gradient methods never build a reverse-mode graph: nothing is held for backward.
+    assert (info["act_bytes_peak"] == 0) == (method.family == "forward-gradient")
     assert info["peak_mem_bytes"] > info["act_bytes_peak"]
 
 

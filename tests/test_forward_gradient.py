@@ -1,0 +1,203 @@
+"""Forward-gradient methods: no backward pass, unbiased estimates, greedy isolation, learning.
+
+Autograd appears here only to compute the true gradients that the estimates are checked against.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods import Method, Task, all_methods
+from methods.forward_gradient import (
+    ForwardGradientConfig,
+    _Block,
+    _block_estimates,
+    _flat_steps,
+)
+from methods.nets import build_net
+from tests.conftest import make_method
+from tests.test_methods_contract import accuracy, train
+
+NAMES = ["fg-w", "fg-a", "lg-fg-a"]
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("reverse-mode autograd was called")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", NAMES)
+def test_step_runs_without_reverse_mode_and_updates_every_parameter(name, arch, separable, monkeypatch):
+    x, y, _, _ = separable
+    method = make_method(name, arch=arch, tangents=2)
+    method.train()
+    grad_enabled = []
+    for module in method.model.modules():
+        module.register_forward_pre_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    before = {k: p.detach().clone() for k, p in method.model.named_parameters()}
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    monkeypatch.setattr(torch.Tensor, "backward", refuse)
+    logs = method.train_step(x[:32], y[:32])
+    assert grad_enabled and not any(grad_enabled), "a module ran with grad mode on"
+    assert all(not v.requires_grad for v in logs.values())
+    unchanged = [k for k, p in method.model.named_parameters() if torch.equal(p, before[k])]
+    assert not unchanged, f"{name} did not update {unchanged}"
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_flat_steps_compute_the_shared_net(arch):
+    """Activity perturbation runs the nets of `methods.nets` as a flat list: it must be the same net."""
+    torch.manual_seed(0)
+    net = build_net(arch, (1, 16, 16), 4).eval()
+    x = torch.randn(5, 1, 16, 16)
+    h = x
+    for step in _flat_steps(net):
+        h = step(h)
+    assert torch.equal(h, net(x))
+
+
+def true_gradient(method: Method, x: Tensor, y: Tensor) -> Tensor:
+    """The gradient each method estimates: of the net's loss, or of the sum of local losses with
+    every block's input detached (local greedy)."""
+    params = list(method.model.parameters())
+    if method.name == "lg-fg-a":
+        loss, h = 0.0, x
+        for block in method.blocks:
+            logits, _, h = block(h.detach(), {})
+            loss = loss + F.cross_entropy(logits, y)
+    else:
+        loss = F.cross_entropy(method.net(x), y)
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+@torch.no_grad()
+def estimate(method: Method, x: Tensor, y: Tensor, tangents: int, chunk: int = 0) -> Tensor:
+    method.config.tangents, method.config.tangent_chunk = tangents, chunk
+    grads, _ = method.estimate(x, y)
+    return torch.cat([grads[k].flatten() for k, _ in method.model.named_parameters()])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_estimates_are_unbiased_and_spread_shrinks_like_one_over_sqrt_k(name):
+    cls = all_methods()[name]
+    torch.manual_seed(0)
+    shape, classes = (1, 4, 4), 3
+    method = cls(Task(shape, classes), cls.config_for("default", {"width": 8, "depth": 2}))
+    x, y = torch.randn(8, *shape), torch.arange(8) % classes
+    g = true_gradient(method, x, y)
+
+    samples = 300
+    spread = {}
+    for k in (1, 16):
+        errors = torch.stack([estimate(method, x, y, k) - g for _ in range(samples)])
+        spread[k] = errors.pow(2).sum(1).mean().sqrt()
+    ratio = float(spread[1] / spread[16])
+    assert 4 / 1.33 < ratio < 4 * 1.33, f"spread(K=1)/spread(K=16) = {ratio:.2f}, expected ~4"
+
+    # The mean of many tangents misses g by no more than its own noise: E||mean - g||^2 is
+    # spread(K=1)^2 / K for an unbiased estimator; a 10% bias would already triple it here.
+    many = 50_000
+    error = (estimate(method, x, y, many, chunk=5000) - g).pow(2).sum()
+    expected = spread[1] ** 2 / many
+    assert error < 3 * expected, f"{name}: ||mean - g||^2 = {error:.3g}, noise alone {expected:.3g}"
+
+
+def batchnorm_bias() -> float:
+    """||mean estimate - g||^2 over its noise level for a block with BatchNorm in training mode."""
+    torch.manual_seed(0)
+    steps = [nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)]
+    block = _Block(steps, [], (6,), torch.device("cpu"))
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    params = [p for s in steps for p in s.parameters()]
+    logits, _, _ = block(x, {})
+    g = torch.cat([t.flatten() for t in torch.autograd.grad(F.cross_entropy(logits, y), params)])
+
+    @torch.no_grad()
+    def mean_error(tangents: int, chunk: int = 0) -> Tensor:
+        config = ForwardGradientConfig(tangents=tangents, tangent_chunk=chunk)
+        pairs = {id(p): est for p, est in _block_estimates(block, x, y, config)[0]}
+        return torch.cat([pairs[id(p)].flatten() for p in params]) - g
+
+    noise = torch.stack([mean_error(1) for _ in range(300)]).pow(2).sum(1).mean()
+    many = 50_000
+    return float(mean_error(many, chunk=5000).pow(2).sum() / (noise / many))
+
+
+def test_batchnorm_in_training_mode_keeps_estimates_unbiased(monkeypatch):
+    """BatchNorm mixes examples: sites before it use the batch's total directional derivative."""
+    assert batchnorm_bias() < 3
+    # The per-example estimate, which ignores the mixing, is measurably biased on the same block.
+    monkeypatch.setattr(_Block, "coupled", lambda self, site: False)
+    assert batchnorm_bias() > 30
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batchnorm_running_statistics_advance_once_per_step(name, separable):
+    """K tangents in K separate chunks still apply exactly one momentum update, as one forward."""
+    x, y, _, _ = separable
+    method = make_method(name, arch="cnn", tangents=3, tangent_chunk=1)
+    for module in method.model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # so that a plain forward sees the same batch statistics
+    method.train()
+    reference = copy.deepcopy(method.net)
+    with torch.no_grad():
+        reference(x[:16])
+    method.train_step(x[:16], y[:16])
+    buffers = dict(method.net.named_buffers())
+    assert buffers, "the CNN should have BatchNorm buffers"
+    for key, expected in reference.named_buffers():
+        torch.testing.assert_close(buffers[key], expected, msg=key)
+
+
+def output_layer(method: Method) -> nn.Linear:
+    return [m for m in method.net.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def parameters_after_one_step(name: str, arch: str, shift_output: bool, separable) -> dict:
+    x, y, _, _ = separable
+    method = make_method(name, arch=arch, depth=3, tangents=2)
+    if shift_output:
+        with torch.no_grad():
+            for p in output_layer(method).parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    torch.manual_seed(0)
+    method.train()
+    method.train_step(x[:32], y[:32])
+    return {k: p.detach().clone() for k, p in method.model.named_parameters()}
+
+
+@pytest.mark.parametrize("name,arch", [("lg-fg-a", "mlp"), ("lg-fg-a", "cnn"), ("fg-a", "mlp")])
+def test_local_greedy_blocks_do_not_depend_on_later_blocks(name, arch, separable):
+    """Changing the output layer leaves the update of every block before the last unchanged
+    (lg-fg-a), but changes the first layer's update when one loss spans the net (fg-a)."""
+    method = make_method(name, arch=arch, depth=3)
+    params = list(method.model.named_parameters())
+    if name == "lg-fg-a":
+        assert len(method.blocks) > 2
+        last = {id(p) for p in method.blocks[-1].steps.parameters()}
+        checked = [k for k, p in params if id(p) not in last]
+    else:
+        first = next(m for m in method.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        checked = [k for k, p in params if p is first.weight]
+    assert checked
+    base = parameters_after_one_step(name, arch, False, separable)
+    shifted = parameters_after_one_step(name, arch, True, separable)
+    same = [k for k in checked if torch.equal(base[k], shifted[k])]
+    assert (same == checked) == (name == "lg-fg-a"), f"unchanged: {same}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learns_with_sgd_and_rademacher_tangents(name, separable):
+    x, y, tx, ty = separable
+    method = make_method(name, optimizer="sgd", lr=1e-3, distribution="rademacher", tangents=4)
+    before = accuracy(method, tx, ty)
+    train(method, x, y, steps=50)
+    after = accuracy(method, tx, ty)
+    assert after >= 0.9, f"{name}: test accuracy {after:.3f} (was {before:.3f})"
