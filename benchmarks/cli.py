@@ -117,8 +117,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ConfigError("--epochs and --batch-size must be >= 1")
     preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
     preset = preset_set.get("preset", suite.preset)
+    from benchmarks.tune import resolve_preset  # preset=tuned: the tuned values, per dataset
+
     units = [
-        Unit(m, dataset, seed, preset, tuple(sorted(per_method[m].items())))
+        Unit(m, dataset, seed, preset,
+             tuple(sorted(resolve_preset(m, dataset, preset, per_method[m]).items())))
         for m in methods
         for seed in seeds
     ]
@@ -176,6 +179,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_check(Path(args.baseline) if args.baseline else BASELINE, args.update)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from benchmarks.sweep import load_sweep, run_sweep
+    from reports.report import write_report
+
+    sweep = load_sweep(args.sweep)
+    if args.data_dir:
+        sweep = replace(sweep, data_dir=args.data_dir)
+    out = Path(args.out) if args.out else Path("results/sweeps") / Path(args.sweep).stem
+    result = run_sweep(sweep, out, args.executor, args.address, args.max_parallel,
+                       args.max_retries, progress=sys.stderr.isatty())
+    print(f"bpfree: {result.total} unit(s): {result.skipped} already done, {result.finished} "
+          f"finished now, {result.failed} failed -> {result.sweep_dir}", file=sys.stderr)
+    path, text = write_report([result.sweep_dir])
+    print(text)
+    print(f"report: {path}")
+    return 1 if result.failed else 0
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from benchmarks.tune import TUNED_DIR, tune_method
+
+    preset, per_method = parse_sets([p for group in args.set for p in group], [args.method])
+    if preset:
+        raise ConfigError("bpfree tune: pick the starting preset with --preset, not --set preset=")
+    path, content = tune_method(
+        args.method, args.dataset, args.trials, args.epochs, preset=args.preset,
+        fixed=per_method[args.method], val_fraction=args.val_fraction,
+        batch_size=args.batch_size, device=args.device, seed=args.seed, data_dir=args.data_dir,
+        address=args.address, cpus_per_trial=args.cpus_per_trial,
+        out_dir=Path(args.out) if args.out else TUNED_DIR)
+    print(f"best of {args.trials} trials: {content['tuned']} (val_acc {content['val_acc']:.4f})")
+    print(f"tuned preset: {path}  (use it with `bpfree run --set preset=tuned`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--update", action="store_true",
                        help="rewrite the baseline with the current measurements")
     check.set_defaults(fn=cmd_check)
+
+    sweep = sub.add_parser("sweep", help="run a sweep file's grid of units, resumably (docs/sweeps.md)")
+    sweep.add_argument("sweep", metavar="SWEEP.toml")
+    sweep.add_argument("--executor", default="local", choices=["local", "ray"])
+    sweep.add_argument("--address", help="Ray cluster to join (`auto`: the one `ray start` made); "
+                                         "default: start a private local one")
+    sweep.add_argument("--max-parallel", type=int,
+                       help="units at once (default: 1 locally, what the cluster fits on Ray)")
+    sweep.add_argument("--max-retries", type=int, help="retries of a failed unit (default: the file's, or 1)")
+    sweep.add_argument("--data-dir", help="folder holding the datasets' files (overrides the file's)")
+    sweep.add_argument("--out", help="sweep folder (default results/sweeps/<file name>)")
+    sweep.set_defaults(fn=cmd_sweep)
+
+    tune = sub.add_parser("tune", help="equal-budget hyperparameter search on a validation split")
+    tune.add_argument("method")
+    tune.add_argument("--dataset", required=True)
+    tune.add_argument("--trials", type=int, default=20, help="trials (the same for every method; default 20)")
+    tune.add_argument("--epochs", type=int, default=5, help="epochs per trial, ASHA's max_t (default 5)")
+    tune.add_argument("--preset", default="default", help="preset the search starts from")
+    tune.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                      help="hyperparameters fixed during the search")
+    tune.add_argument("--val-fraction", type=float, default=0.1,
+                      help="validation split carved from train, the selection signal (default 0.1)")
+    tune.add_argument("--batch-size", type=int, default=128)
+    tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tune.add_argument("--seed", type=int, default=0, help="seeds the trials and the random search")
+    tune.add_argument("--data-dir", help="folder holding the dataset's files")
+    tune.add_argument("--address", help="Ray cluster to join (default: start a private local one)")
+    tune.add_argument("--cpus-per-trial", type=int, default=1)
+    tune.add_argument("--out", help="folder for the tuned preset (default results/tuned)")
+    tune.set_defaults(fn=cmd_tune)
     return parser
 
 

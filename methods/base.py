@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A user mistake in hyperparameters or options: reported as one line, never a traceback."""
 
 
+# The preset `bpfree tune` writes. Tuned values are per method *and dataset*, which
+# `config_for` cannot see, so the caller resolves them (`benchmarks.tune.resolve_preset`) and
+# passes the whole tuned configuration as overrides on top of the dataclass defaults.
+TUNED_PRESET = "tuned"
+
+
 @dataclass(frozen=True)
 class Task:
     """What a method is asked to learn, independent of how it learns it.
@@ -111,6 +117,12 @@ class Method:
     # Named sets of overrides of `Config`'s defaults. `default` is the dataclass itself;
     # `quick` is sized for the quick suite; `paper` holds a source paper's values where given.
     presets: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
+    # What `bpfree tune` searches, declared next to the hyperparameters so each method's author
+    # picks its knobs while every method gets the same number of trials. A value is
+    # ("loguniform", low, high), ("uniform", low, high), ("randint", low, high) (high
+    # exclusive) or ("choice", [values]). Override in a subclass, e.g.
+    # `search_space = {**Method.search_space, "T": ("choice", [5, 10])}`.
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"lr": ("loguniform", 1e-4, 1e-2)}
 
     model: nn.Module
     optimizers: dict[str, torch.optim.Optimizer]
@@ -137,10 +149,16 @@ class Method:
     # --- shared behaviour ----------------------------------------------------------------
     @classmethod
     def config_for(cls, preset: str = "default", overrides: dict[str, Any] | None = None) -> HParams:
-        """The hyperparameters of a named preset with user overrides on top."""
+        """The hyperparameters of a named preset with user overrides on top.
+
+        For `TUNED_PRESET` the overrides carry the tuned configuration itself (see above).
+        """
+        if preset == TUNED_PRESET:
+            return make_config(cls.Config, dict(overrides or {}), cls.name)
         if preset not in cls.presets:
             raise ConfigError(
-                f"unknown preset {preset!r} for {cls.name}; known: {', '.join(cls.presets)}"
+                f"unknown preset {preset!r} for {cls.name}; known: {', '.join(cls.presets)}, "
+                f"or {TUNED_PRESET} (after `bpfree tune`)"
             )
         return make_config(cls.Config, {**cls.presets[preset], **(overrides or {})}, cls.name)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -24,3 +26,19 @@ def make_method(name: str, seed: int = 0, shape=(1, 16, 16), num_classes: int = 
 def separable():
     """(train_x, train_y, test_x, test_y): 4 classes of 1x16x16 noisy templates."""
     return make_separable(n_train=512, n_test=256, num_classes=4, shape=(1, 16, 16), seed=1)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private 2-CPU Ray cluster for the whole session (starting one takes seconds).
+
+    `address="local"` never joins a cluster someone else started on this machine; usage
+    statistics and the dashboard are off, so nothing reaches the network.
+    """
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,163 @@
+"""`bpfree sweep`: sweep files, the local and Ray executors, retries of killed units, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.sweep import load_sweep, run_sweep
+from methods import ConfigError
+
+SWEEPS = Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps"
+TINY = {"methods": "backprop", "datasets": "synthetic", "seeds": [0, 1], "epochs": 1,
+        "cpus_per_unit": 1,
+        "grid": {"backprop": {"arch": "mlp", "width": 32}}}
+SAME = ["unit", "epoch", "train_acc", "test_acc", "train_loss"]  # everything but times
+
+
+def write_sweep(path: Path, spec: dict) -> Path:
+    """A sweep file from a dict (JSON values are valid TOML values for these types)."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in spec.items() if k != "grid"]
+    for method, table in spec.get("grid", {}).items():
+        lines += [f"[grid.{method}]", *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def attempts(sweep_dir: Path) -> dict[str, list[dict]]:
+    return {d.name: json.loads((d / "attempts.json").read_text())
+            for d in sorted((sweep_dir / "units").iterdir())}
+
+
+def test_ray_sweep_gives_the_local_records_and_resume_skips_done_units(tmp_path, ray_cluster):
+    sweep = load_sweep(write_sweep(tmp_path / "tiny.toml", TINY))
+    local = run_sweep(sweep, tmp_path / "local", "local", max_parallel=2)
+    on_ray = run_sweep(sweep, tmp_path / "ray", "ray")
+    assert (local.total, local.finished, local.failed) == (2, 2, 0)
+    assert (on_ray.total, on_ray.finished, on_ray.failed) == (2, 2, 0)
+    a, b = (pd.read_csv(tmp_path / d / "records.csv").sort_values("unit") for d in ("local", "ray"))
+    pd.testing.assert_frame_equal(a[SAME].reset_index(drop=True), b[SAME].reset_index(drop=True))
+    assert (a["test_acc"] > 0.5).all()
+    history = attempts(tmp_path / "ray")
+    assert {h[0]["executor"] for h in history.values()} == {"ray"}
+    assert all(h[0]["torch_threads"] == 1 for h in history.values())
+
+    again = run_sweep(sweep, tmp_path / "local", "local")
+    assert (again.skipped, again.finished, again.failed) == (2, 0, 0)
+    assert all(len(h) == 1 for h in attempts(tmp_path / "local").values())
+    assert main(["report", str(tmp_path / "ray")]) == 0
+
+
+def kill_after_first_epoch(unit_dir: Path, killed: list[int]) -> None:
+    """SIGKILL the process running the unit once it has finished an epoch (mid-run)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records, worker = unit_dir / "records.csv", unit_dir / "worker.json"
+        if records.is_file() and worker.is_file() and len(records.read_text().splitlines()) > 1:
+            pid = json.loads(worker.read_text())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_killed_unit_is_retried_and_resumes_from_its_checkpoint(tmp_path, executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    epochs = 8
+    spec = {**TINY, "seeds": 0, "epochs": epochs, "batch_size": 8, "max_retries": 1}
+    sweep = load_sweep(write_sweep(tmp_path / "kill.toml", spec))
+    (unit,) = sweep.units()
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_after_first_epoch,
+                              args=(tmp_path / "out" / "units" / unit.id, killed))
+    killer.start()
+    result = run_sweep(sweep, tmp_path / "out", executor)
+    killer.join()
+    assert killed, "the unit finished before it could be killed"
+    assert (result.finished, result.failed) == (1, 0)
+    first, second = attempts(tmp_path / "out")[unit.id]
+    assert first["status"] == "failed" and first["pid"] == killed[0]
+    assert "SIGKILL" in first["error"] or "WorkerCrashedError" in first["error"], first["error"]
+    assert second["status"] == "finished" and second["pid"] != killed[0]
+    records = pd.read_csv(tmp_path / "out" / "records.csv")
+    assert records["epoch"].tolist() == list(range(1, epochs + 1))  # resumed, nothing redone
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["status"].tolist() == ["finished"]
+
+
+def test_a_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, capsys):
+    """A user mistake inside a unit (here: missing files) is not retried: it would fail again."""
+    spec = {**TINY, "datasets": ["synthetic", "mnist"], "seeds": 0, "max_retries": 3,
+            "data_dir": str(tmp_path)}
+    path = write_sweep(tmp_path / "mixed.toml", spec)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 1
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("dataset")
+    assert summary.loc["synthetic", "status"] == "finished"
+    assert summary.loc["mnist", "status"] == "failed"
+    assert "DataError" in summary.loc["mnist", "error"]
+    assert [len(h) for h in attempts(tmp_path / "out").values()] == [1, 1]
+    assert "1 failed" in capsys.readouterr().err
+
+
+def test_changing_the_shared_budget_of_a_sweep_folder_is_refused(tmp_path):
+    sweep_dir = tmp_path / "out"
+    run_sweep(load_sweep(write_sweep(tmp_path / "a.toml", {**TINY, "seeds": 0})), sweep_dir)
+    grown = load_sweep(write_sweep(tmp_path / "b.toml", {**TINY, "seeds": 0, "batch_size": 64}))
+    with pytest.raises(ConfigError, match="batch_size=128"):
+        run_sweep(grown, sweep_dir)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("methods = [", "not valid TOML"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\nepoch = 2',
+         "unknown key 'epoch'"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nepochs = 1', "missing key 'seeds'"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = ["a"]\nepochs = 1',
+         "key 'seeds' must be an integer"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 0',
+         "key 'epochs' must be >= 1"),
+        ('methods = "nope"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1',
+         "key 'methods': unknown method 'nope'"),
+        ('methods = "backprop"\ndatasets = "imagenet"\nseeds = 0\nepochs = 1',
+         "key 'datasets': unknown dataset 'imagenet'"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\ndevice = "tpu"',
+         "key 'device' must be one of"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+         '[grid.fg-w]\nlr = [0.1]', "[grid.fg-w]: 'fg-w' is not in 'methods'"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+         '[grid.backprop]\nlrr = [0.1]', "[grid.backprop] unknown hyperparameter 'lrr'"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+         '[grid.backprop]\nwidth = [1.5]', "[grid.backprop] width='1.5' is not a valid int"),
+        ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+         '[grid.backprop]\nlr = []', "key 'grid.backprop.lr' must be"),
+    ],
+)
+def test_sweep_file_mistakes_are_one_line_naming_file_and_key(text, message, tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("bpfree: error:")
+
+
+def test_shipped_sweeps_are_valid():
+    paths = sorted(SWEEPS.glob("*.toml"))
+    assert len(paths) >= 2
+    for path in paths:
+        sweep = load_sweep(path)
+        assert sweep.description and sweep.units()
