@@ -166,9 +166,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reports.report import write_report
+    from reports.report import parse_formats, write_report
 
-    path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
+    path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
+                              parse_formats(args.formats))
     print(text)
     print(f"report: {path}")
 
@@ -241,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="tables and plots from run folders")
     report.add_argument("run_dirs", nargs="+")
-    report.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    report.add_argument("--out", help="output folder (default RUN_DIR/report; needed for several runs)")
+    report.add_argument("--formats", default="md,html,tex,csv",
+                        help="comma-separated subset of md,html,tex,csv (default: all)")
     report.set_defaults(fn=cmd_report)
 
     check = sub.add_parser("check", help="CI regression gate: deterministic metrics vs the baseline")

@@ -23,7 +23,7 @@ from benchmarks.cli import main
 from benchmarks.records import SCHEMA_VERSION
 from reports import plots, render
 from reports.published import compare, parse_method, read_published
-from reports.report import build, write_report
+from reports.report import build
 
 META = {"command": "bpfree run --suite quick", "started": "2026-01-01T00:00:00+00:00",
         "resumed": [], "git_commit": "abc123", "python": "3.11.7", "torch": "2.14.1",
@@ -291,6 +291,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, damage, message
 @pytest.mark.parametrize("args,message", [
     (["{a}", "{a}", "--out", "{tmp}/o"], "pass each run folder once"),
     (["{a}", "{b}"], "pass --out DIR"),
+    (["{a}", "--formats", "md,pdf"], "--formats 'md,pdf'"),
     (["{tmp}/nowhere"], "does not exist"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
@@ -302,9 +303,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     assert err.count("\n") == 0 and message in err
 
 
-def test_formats_subset_writes_only_those(tmp_path):
+def test_formats_subset_writes_only_those(tmp_path, capsys):
     run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])])
-    path, _ = write_report([run], tmp_path / "out", ("tex", "csv"))
-    assert path == tmp_path / "out" / "tables.tex"
+    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--formats", "tex,csv"]) == 0
+    assert f"report: {tmp_path / 'out' / 'tables.tex'}" in capsys.readouterr().out
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".csv"] * 3 + [".tex"]
 
