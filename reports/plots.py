@@ -40,7 +40,7 @@ STYLE = {
     "savefig.bbox": "tight",
 }
 LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h", "<", ">", "p", "d")  # no x: it marks divergence
+MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h", "p", "d", "H", "8")  # no x (divergence), no arrows
 PANEL = (5.0, 3.6)  # inches per subplot
 
 
