@@ -84,7 +84,10 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
 def died(exitcode: int | None) -> dict[str, Any]:
     """The outcome of an attempt whose process ended without a result."""
     if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
         hint = " (out of memory, or killed)" if name == "SIGKILL" else ""
         error = f"WorkerDied: worker process killed by {name}{hint}"
     else:
@@ -245,9 +248,12 @@ def start_ray(address: str | None) -> bool:
     """Join the cluster at `address` (`auto`: the one `ray start` made here), or start a
     private local one. Returns whether we started Ray (and so must shut it down).
 
-    Usage statistics and the dashboard are off: nothing may reach the network.
+    Usage statistics and the dashboard are off: nothing may reach the network. A private
+    cluster talks over 127.0.0.1 only (Ray's single-machine mode, read when ray is imported).
     """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:

@@ -10,6 +10,9 @@ import torch
 from benchmarks.data import make_separable
 from methods import Method, Task, all_methods
 
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+os.environ.update(RAY_ENV)
+
 METHODS = list(all_methods())
 
 
@@ -33,9 +36,9 @@ def ray_cluster():
     """A private 2-CPU Ray cluster for the whole session (starting one takes seconds).
 
     `address="local"` never joins a cluster someone else started on this machine; usage
-    statistics and the dashboard are off, so nothing reaches the network.
+    statistics and the dashboard are off, and it talks over 127.0.0.1 only (RAY_ENV, set
+    before anything imports ray), so nothing reaches the network.
     """
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

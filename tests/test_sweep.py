@@ -38,6 +38,7 @@ def attempts(sweep_dir: Path) -> dict[str, list[dict]]:
 
 
 def test_ray_sweep_gives_the_local_records_and_resume_skips_done_units(tmp_path, ray_cluster):
+    assert {n["NodeManagerAddress"] for n in ray_cluster.nodes()} == {"127.0.0.1"}  # loopback only
     sweep = load_sweep(write_sweep(tmp_path / "tiny.toml", TINY))
     local = run_sweep(sweep, tmp_path / "local", "local", max_parallel=2)
     on_ray = run_sweep(sweep, tmp_path / "ray", "ray")
