@@ -70,7 +70,7 @@ class TrainStep:
     version = f"train_step batch={BATCH} preset={PRESET}"
     timeout = 300
     number = 1  # one step is far above the timer's resolution
-    repeat = (1, 5, 10.0)  # keeps a full (non --quick) run of every method under ~10 minutes
+    repeat = (1, 5, 10.0)  # per round (asv runs 2): at most 5 samples or 10 s, so ~20 s each
 
     def setup(self, name: str, shape: str, device: str) -> None:
         self.method, self.x, self.y = build_method(name, shape, device)
