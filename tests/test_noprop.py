@@ -1,0 +1,356 @@
+"""NoProp's defining properties (docs/noprop.md), each pinned by a test that fails without it.
+
+Small shapes (1x16x16, 4 classes, batch 32) keep the file fast; the contract tests
+(tests/test_methods_contract.py) already check that every variant's `quick` preset learns a
+separable task, round-trips its state and repeats exactly under a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from benchmarks.measure import count_flops, saved_tensor_bytes
+from methods import Task
+from methods.noprop import (
+    DTBlock,
+    LabelEmbedding,
+    class_prototypes,
+    cosine_schedule,
+    kl_to_standard_normal,
+    snr,
+)
+from methods.noprop_continuous import LearnedSchedule
+from tests.conftest import make_method
+from tests.test_methods_contract import accuracy, train
+
+NOPROP = ["noprop-dt", "noprop-ct", "noprop-fm", "backprop-blocks"]
+
+
+def minibatch(n: int = 32, num_classes: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=gen), torch.arange(n) % num_classes
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 3, 10, 100])
+def test_cosine_schedule_runs_from_noise_to_label_with_positive_weights(T):
+    abar = cosine_schedule(T)
+    assert len(abar) == T + 1
+    assert (abar.diff() > 0).all(), "abar must increase with t (z_0 noise, z_T label)"
+    assert 0 < abar[0] < 0.05 and 0.95 < abar[-1] < 1
+    assert (snr(abar).diff() > 0).all(), "every L2 weight SNR(t) - SNR(t-1) must be positive"
+
+
+def test_dt_loss_weights_are_the_positive_snr_differences():
+    method = make_method("noprop-dt", T=4)
+    expected = 4 * 0.1 / 2 * snr(cosine_schedule(4)).diff()
+    assert torch.allclose(method.l2_weight.double(), expected, rtol=1e-5)
+    assert (method.l2_weight > 0).all()
+
+
+def assert_increasing(schedule: LearnedSchedule) -> None:
+    grid = torch.linspace(0, 1, 1001)
+    with torch.no_grad():
+        abar = schedule.abar(grid)
+        assert (abar.diff() >= 0).all() and abar[-1] > abar[0]
+        assert (schedule.snr_derivative(grid) >= 0).all()
+
+
+def test_ct_schedule_stays_monotone_after_training_and_for_any_parameters(separable):
+    x, y, _, _ = separable
+    method = make_method("noprop-ct", lr=0.05)  # a large rate moves the schedule a lot
+    before = {k: v.clone() for k, v in method.model["schedule"].state_dict().items()}
+    train(method, x, y, steps=10)
+    schedule = method.model["schedule"]
+    assert any(not torch.equal(before[k], v) for k, v in schedule.state_dict().items())
+    assert_increasing(schedule)
+    # Monotone by construction, not by luck: arbitrary (also negative) raw parameters.
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        with torch.no_grad():
+            for p in schedule.parameters():
+                p.copy_(4 * torch.randn(p.shape, generator=gen))
+        assert_increasing(schedule)
+
+
+def test_ct_snr_derivative_matches_autograd():
+    schedule = LearnedSchedule(-4.0, 4.0, 16)
+    t = torch.rand(50, requires_grad=True)
+    (expected,) = torch.autograd.grad(torch.exp(-schedule.gamma(t)).sum(), t)
+    assert torch.allclose(schedule.snr_derivative(t.detach()), expected, rtol=1e-4, atol=1e-6)
+
+
+# --- gradient isolation ("isn't this backprop?") -----------------------------------------------
+
+
+def touched_blocks(method) -> list[bool]:
+    return [
+        any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in block.parameters())
+        for block in method.model["blocks"]
+    ]
+
+
+@pytest.mark.parametrize("embedding", ["one-hot", "learned", "prototype"])
+def test_block_loss_reaches_only_its_own_block(embedding):
+    """The loss of block t trains block t, the embedding and the classifier, and no other block:
+    z_{t-1} is sampled from q(z_{t-1} | y), never produced by block t - 1."""
+    method = make_method("noprop-dt", T=3, embedding=embedding)
+    x, y = minibatch()
+    for t in (1, 2, 3):
+        for path in ("paper's L_t as one graph", "what train_step runs"):
+            method.model.zero_grad(set_to_none=True)
+            if path == "what train_step runs":
+                method.backward_blocks(x, y, [t])
+            else:
+                method.block_loss(t, x, y).backward()
+            assert touched_blocks(method) == [s == t for s in (1, 2, 3)]
+            assert all(p.grad is not None for p in method.model["blocks"][t - 1].parameters())
+            # the shared classifier and embedding are in every block's graph
+            assert method.model["classifier"].weight.grad is not None
+            assert (embedding == "one-hot") != (method.model["embed"].weight.grad is not None)
+
+
+def test_backprop_blocks_loss_reaches_every_block():
+    """The contrast: end-to-end backprop through the chained blocks trains all of them."""
+    method = make_method("backprop-blocks", T=3)
+    x, y = minibatch()
+    F.cross_entropy(method.forward(x), y).backward()
+    assert touched_blocks(method) == [True, True, True]
+
+
+def test_every_block_step_has_the_gradient_of_the_summed_block_losses():
+    """The block-by-block backward of `train_step` computes exactly grad sum_t L_t."""
+    method = make_method("noprop-dt", T=3, embedding="learned")
+    reference = copy.deepcopy(method)
+    x, y = minibatch()
+    torch.manual_seed(1)
+    method.backward_blocks(x, y, [1, 2, 3])
+    torch.manual_seed(1)  # same noise and dropout masks, drawn in the same order
+    u = reference.model["embed"](y)
+    z = reference.noisy_labels(u)
+    denoise = sum(reference.denoise_loss(t, x, z[t - 1], u) for t in (1, 2, 3))
+    ce, kl = reference.shared_loss(z[-1], u, y)
+    (3 * (ce + kl) + denoise).backward()
+    for (name, p), q in zip(method.model.named_parameters(), reference.model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+# --- inference ---------------------------------------------------------------------------------------
+
+
+class Oracle(nn.Module):
+    """A perfect block: all softmax mass on the true class, so uhat = u_y exactly."""
+
+    def __init__(self, y: Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.logits = 100.0 * F.one_hot(y, num_classes).float()
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.logits
+
+    def image(self, x: Tensor) -> Tensor:  # the continuous-time net's image branch
+        return x
+
+
+@pytest.mark.parametrize("name", ["noprop-dt", "noprop-ct"])
+def test_oracle_chain_samples_q_of_z_T(name):
+    """With blocks that return u_y, the inference chain from z_0 ~ N(0, I) samples
+    q(z_T | y) = N(sqrt(abar_T) u_y, (1 - abar_T) I): the reverse-step coefficients match
+    the noising process."""
+    n, classes = 20000, 4
+    overrides = {"T": 10} if name == "noprop-dt" else {"inference_steps": 50}
+    method = make_method(name, embedding="learned", embed_dim=6, **overrides)
+    y = torch.arange(n) % classes
+    if name == "noprop-dt":
+        method.model["blocks"] = nn.ModuleList([Oracle(y, classes)] * 10)
+        abar_last = method.abar[-1]
+    else:
+        method.model["net"] = Oracle(y, classes)
+        abar_last = method.model["schedule"].abar(torch.ones(1))[0].detach()
+    method.eval()
+    torch.manual_seed(0)
+    z = method.sample_last(torch.zeros(n, 1))
+    u = method.model["embed"].weight.detach()
+    residual = z - abar_last.sqrt() * u[y]
+    var = 1 - abar_last
+    for c in range(classes):
+        mean_err = residual[y == c].mean(0).abs().max()
+        assert mean_err < 5 * math.sqrt(var / (n / classes)) + 1e-3, (c, mean_err)
+    assert torch.allclose(residual.var(0), var.expand(6), rtol=5 * math.sqrt(2 / n))
+
+
+def test_fm_euler_solver_and_nearest_embedding_prediction():
+    """With the exact conditional velocity (u_y - z) / (1 - t), N Euler steps end at u_y and the
+    prediction is y: the solver's time grid and the nearest-embedding rule are right."""
+    method = make_method("noprop-fm", embedding="learned", embed_dim=6, inference_steps=7)
+    x, y = minibatch()
+    u = method.model["embed"].weight.detach()[y]
+    method.velocity = lambda features, z, t: (u - z) / (1 - t[:, None])
+    method.eval()
+    scores = method.predict(x)
+    assert (scores.argmax(1) == y).all()
+    assert scores.gather(1, y[:, None]).abs().max() < 1e-6  # -||z_1 - u_y||^2 = 0
+
+
+# --- losses and embeddings ----------------------------------------------------------------------------
+
+
+def test_kl_term_equals_its_closed_form():
+    u = torch.randn(64, 7)
+    abar0 = 0.03
+    expected = kl_divergence(Normal(math.sqrt(abar0) * u, math.sqrt(1 - abar0)), Normal(0.0, 1.0))
+    assert torch.allclose(kl_to_standard_normal(u, abar0), expected.sum(1).mean(), rtol=1e-5)
+    # and NoProp-DT's loss uses it at abar_0 on the embedded labels
+    method = make_method("noprop-dt", embedding="learned")
+    x, y = minibatch()
+    u = method.model["embed"](y).detach()
+    _, kl = method.shared_loss(torch.zeros_like(u), u, y)
+    a0 = method.abar[0]
+    expected = kl_divergence(Normal(a0.sqrt() * u, (1 - a0).sqrt()), Normal(0.0, 1.0))
+    assert torch.allclose(kl, expected.sum(1).mean(), rtol=1e-5)
+
+
+EMBEDDINGS = [
+    {"embedding": "one-hot"},
+    {"embedding": "learned"},
+    {"embedding": "learned", "embed_dim": 3},  # d < classes: random init
+    {"embedding": "prototype"},
+]
+
+
+@pytest.mark.parametrize("name", NOPROP)
+@pytest.mark.parametrize("embedding", EMBEDDINGS, ids=lambda e: "-".join(map(str, e.values())))
+def test_loss_is_finite_for_every_embedding(name, embedding, separable):
+    x, y, tx, _ = separable
+    method = make_method(name, **embedding)
+    for log in train(method, x, y, steps=2):
+        assert all(math.isfinite(v) for v in log.values()), log
+    method.eval()
+    assert torch.isfinite(method.predict(tx[:8])).all()
+
+
+@pytest.mark.parametrize("init", ["random", "orthogonal", "prototype"])
+def test_prototype_sized_embedding_initialisations(init, separable):
+    x, y, _, _ = separable
+    method = make_method("noprop-dt", T=2, embedding="prototype", embed_init=init)
+    weight = method.model["embed"].weight
+    assert weight.shape == (4, 256)
+    if init == "orthogonal":
+        gram = weight @ weight.T
+        assert torch.allclose(gram, 256 * torch.eye(4), atol=1e-3)
+    for log in train(method, x, y, steps=2):
+        assert math.isfinite(log["loss"])
+
+
+def test_prototype_is_the_example_with_the_smallest_median_distance():
+    # class 0 on a line at 0, 1, 2, 10: median distances to the others are 2, 1, 2, 9
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [5.0], [7.0]])
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    assert torch.equal(class_prototypes(x, y, 2), torch.tensor([[1.0], [5.0]]))
+    task = Task((1, 1, 1), 2, train_sample=(x.view(-1, 1, 1, 1), y))
+    embed = LabelEmbedding("prototype", "auto", 0, task)
+    assert embed.learned and torch.equal(embed.weight.detach(), torch.tensor([[1.0], [5.0]]))
+
+
+# --- architecture ---------------------------------------------------------------------------------------
+
+# Table 5 (millions of parameters per block, one-hot / dim=20 / prototype) and the exact count
+# of our block with unpadded 3x3 convolutions.
+TABLE5 = [
+    ((1, 28, 28), 10, "one-hot", 0.92, 919_946),
+    ((1, 28, 28), 10, "learned", 0.92, 922_506),
+    ((1, 28, 28), 10, "prototype", 1.40, 1_401_738),
+    ((3, 32, 32), 10, "one-hot", 1.22, 1_215_434),
+    ((3, 32, 32), 10, "learned", 1.22, 1_217_994),
+    ((3, 32, 32), 10, "prototype", 1.99, 1_992_714),
+    ((3, 32, 32), 100, "one-hot", 1.25, 1_250_084),
+    ((3, 32, 32), 100, "learned", 1.23, 1_229_604),
+    ((3, 32, 32), 100, "prototype", 2.00, 2_004_324),
+]
+
+
+@pytest.mark.parametrize("shape,classes,embedding,millions,exact", TABLE5)
+def test_dt_block_has_the_papers_parameter_count(shape, classes, embedding, millions, exact):
+    task = Task(shape, classes)
+    embed = LabelEmbedding(embedding, "auto" if embedding == "one-hot" else "random", 20, task)
+    count = sum(p.numel() for p in DTBlock(task, embed, 0.2).parameters())
+    assert round(count / 1e6, 2) == millions
+    assert count == exact
+
+
+# --- training order and memory ------------------------------------------------------------------------
+
+
+def test_block_by_block_order_trains_one_block_at_a_time(separable):
+    x, y, _, _ = separable
+    method = make_method("noprop-dt", T=3, order="block-by-block", steps_per_block=2)
+    trained = []
+    for step in range(7):
+        before = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in method.model["blocks"]]
+        train(method, x, y, steps=1, seed=step)
+        after = [torch.cat([p.detach().flatten() for p in b.parameters()]) for b in method.model["blocks"]]
+        changed = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
+        assert sum(changed) == 1
+        trained.append(changed.index(True) + 1)
+    assert trained == [1, 1, 2, 2, 3, 3, 1]
+
+
+def activation_bytes(name: str, T: int) -> tuple[int, int]:
+    method = make_method(name, T=T)
+    method.train()
+    x, y = minibatch()
+    return saved_tensor_bytes(
+        lambda: method.train_step(x, y), exclude=list(method.model.parameters())
+    )
+
+
+def test_dt_step_holds_one_blocks_activations_whatever_T():
+    """NoProp's memory claim: updating every block on a minibatch holds one block's activations
+    for backward at a time, while end-to-end backprop through the same blocks holds all."""
+    (dt_peak_2, dt_total_2), (dt_peak_6, dt_total_6) = activation_bytes("noprop-dt", 2), activation_bytes("noprop-dt", 6)
+    (bp_peak_2, _), (bp_peak_6, _) = activation_bytes("backprop-blocks", 2), activation_bytes("backprop-blocks", 6)
+    assert dt_peak_6 <= 1.1 * dt_peak_2
+    assert dt_total_6 >= 2.5 * dt_total_2  # all six blocks did run and save activations
+    assert bp_peak_6 >= 2.5 * bp_peak_2
+
+
+# --- learning --------------------------------------------------------------------------------------
+
+
+def test_block_by_block_order_learns(separable):
+    x, y, tx, ty = separable
+    method = make_method("noprop-dt", T=3, order="block-by-block", steps_per_block=60)
+    train(method, x, y, steps=180)
+    assert accuracy(method, tx, ty) >= 0.9
+
+
+# --- benchmark ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["noprop-dt", "backprop-blocks"])
+def test_paper_train_step_benchmark(benchmark, name):
+    """One `paper` training step (T = 10) at batch 128 on MNIST-shaped input; with
+    --benchmark-enable the FLOPs and bytes held for backward go into the JSON."""
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 1, 28, 28), torch.arange(128) % 10
+    cls = type(make_method(name))
+    method = cls(Task((1, 28, 28), 10, train_sample=(x, y)), cls.config_for("paper"))
+    method.train()
+    if not benchmark.disabled:
+        flops = count_flops(lambda: copy.deepcopy(method).train_step(x, y))
+        other = copy.deepcopy(method)
+        peak, total = saved_tensor_bytes(
+            lambda: other.train_step(x, y), exclude=list(other.model.parameters())
+        )
+        benchmark.extra_info.update(flops_train_step=flops, act_bytes_peak=peak, act_bytes_total=total)
+    out = benchmark.pedantic(method.train_step, args=(x, y), rounds=3, warmup_rounds=1)
+    assert torch.isfinite(out["loss"])
