@@ -318,6 +318,17 @@ def drive(units: list[SweepUnit], pool: Pool, ctx: Context, max_retries: int,
     return finished, failed
 
 
+def driver_environment(device: torch.device) -> dict[str, Any]:
+    """meta.json's provenance. On Ray the units' GPUs may be on other machines than the
+    driver; each unit's worker.json then names the device it ran on."""
+    from benchmarks.cli import environment
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {**environment(torch.device("cpu")), "device": "cuda",
+                "device_name": "GPUs of the Ray cluster (per unit: units/*/worker.json)"}
+    return environment(device)
+
+
 def _check_resumable(meta_path: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The existing meta.json, if the sweep folder was made with the same budget.
 
@@ -338,13 +349,14 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
               address: str | None = None, max_parallel: int | None = None,
               max_retries: int | None = None, progress: bool = False) -> SweepResult:
     """Run (or resume) a sweep into `sweep_dir`; see the module docstring."""
-    from benchmarks.cli import environment
     from benchmarks.harness import resolve_device
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
     if max_parallel is not None and max_parallel < 1:
         raise ConfigError(f"--max-parallel must be >= 1, got {max_parallel}")
+    if max_retries is not None and max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
     units = sweep.units()
     sweep_dir = sweep_dir.resolve()
     retries = sweep.max_retries if max_retries is None else max_retries
@@ -373,7 +385,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if meta is None:
             meta = {"command": "bpfree " + " ".join(sys.argv[1:]), "spec": spec, "started": now,
-                    "resumed": [], **environment(device)}
+                    "resumed": [], **driver_environment(device)}
         else:
             meta["resumed"].append(now)
             meta["spec"] = spec  # grid axes may have grown

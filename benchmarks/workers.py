@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import platform
 import signal
 import socket
 import traceback
@@ -66,6 +67,9 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
     write_json(unit_dir / "worker.json", {
         "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
         "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+        "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
+                        and torch.cuda.is_available()
+                        else platform.processor() or platform.machine()),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     try:
