@@ -165,7 +165,10 @@ def load_runs(run_dirs: list[Path]) -> Runs:
         summaries.append(summary)
         metas[str(run_dir)] = meta
     summary = pd.concat(summaries, ignore_index=True)
-    for column in ("error", "time_to_target_s", "target_acc", "final_val_acc"):
+    # Units that never finished (all failed, say) lack the measured fields: add them empty.
+    for column in (*SUMMARY_FIELDS, "time_to_target_s", "target_acc", "final_val_acc"):
         if column not in summary:
-            summary[column] = float("nan") if column != "error" else ""
+            summary[column] = float("nan")
+    if "error" not in summary:
+        summary["error"] = ""
     return Runs(pd.concat(records, ignore_index=True), summary, metas)

@@ -309,3 +309,11 @@ def test_formats_subset_writes_only_those(tmp_path, capsys):
     assert f"report: {tmp_path / 'out' / 'tables.tex'}" in capsys.readouterr().out
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".csv"] * 3 + [".tex"]
 
+
+
+def test_a_run_where_every_unit_failed_still_reports_the_failures(tmp_path):
+    run = write_run(tmp_path / "run", [unit("dtp", 0, [], status="failed"),
+                                        unit("fg-w", 0, [], status="failed-early")])
+    text = render.markdown(build([run])[0])
+    assert "dtp on mnist-5k, seed 0: RuntimeError: boom" in text
+    assert "fg-w on mnist-5k, seed 0: RuntimeError: boom" in text
