@@ -40,9 +40,9 @@ Choices the paper leaves open, made here explicitly (field names in brackets):
   and its logit gaps are O(1) whatever the embedding's scale. With PyTorch's default init (`default`) the argmax of a random linear
   layer is arbitrary and lr 1e-3 takes hundreds of steps to undo it: short runs then measure
   the classifier, not the blocks; and in backprop-blocks the blocks and the classifier start at
-  a symmetric saddle. On the 4-class contract task (150 steps), `default` reached 25-35% test
-  accuracy for noprop-dt and 50-75% for backprop-blocks over 3 seeds; `nearest-embedding`
-  95-97% and 100%.
+  a symmetric saddle. On the 4-class contract task (150 steps, quick presets, 3 seeds)
+  `default` reached 25-30% test accuracy for noprop-dt, 42-73% for backprop-blocks and
+  40-75% for noprop-ct; `nearest-embedding` 100% for all three.
 - Label embeddings [embedding, embed_dim, embed_init]. `one-hot` is fixed (d = classes);
   `learned` has d = embed_dim (the paper's "dim=20"); `prototype` has d = the image size and
   the noisy label goes through its own copy of the image branch. Init `auto` is the paper's
