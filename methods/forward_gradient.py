@@ -42,7 +42,7 @@ class ForwardGradientConfig(HParams):
     arch: Literal["mlp", "cnn"] = "mlp"  # mlp by default: FG-W's variance grows with #params
     width: int = 256  # MLP hidden units (ignored by cnn)
     depth: int = 2  # MLP hidden layers (ignored by cnn)
-    tangents: int = 1  # K random directions per step, averaged: variance ~ 1/K, time ~ K
+    tangents: int = 1  # K random directions per step, averaged: variance ~ 1/K, tangent work ~ K
     tangent_chunk: int = 0  # tangents per vmapped JVP call; 0 = all K at once (fastest, most memory)
     distribution: Literal["normal", "rademacher"] = "normal"  # both have E[t t^T] = I: unbiased
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
