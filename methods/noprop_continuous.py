@@ -145,6 +145,8 @@ class LearnedSchedule(nn.Module):
         self.gamma0 = nn.Parameter(torch.tensor(gamma0))
         # softplus^-1 of the gap, so that gamma1 = gamma0 + softplus(.) > gamma0 always
         self.gap = nn.Parameter(torch.tensor(math.log(math.expm1(gamma1 - gamma0))))
+        # t = 0 and 1, kept on the device: building them per step would copy from the host
+        self.register_buffer("ends", torch.tensor([0.0, 1.0]), persistent=False)
 
     def _hidden(self, t: Tensor) -> Tensor:
         return torch.sigmoid(t[:, None] * F.softplus(self.w1) + self.b1)
@@ -158,7 +160,7 @@ class LearnedSchedule(nn.Module):
         return (h * (1 - h) * F.softplus(self.w1)) @ F.softplus(self.w2)
 
     def gamma(self, t: Tensor) -> Tensor:
-        g0, g1 = self._g(torch.tensor([0.0, 1.0], device=t.device))
+        g0, g1 = self._g(self.ends)
         gbar = (self._g(t) - g0) / (g1 - g0)
         return self.gamma0 + F.softplus(self.gap) * (1 - gbar)
 
@@ -167,7 +169,7 @@ class LearnedSchedule(nn.Module):
 
     def snr_derivative(self, t: Tensor) -> Tensor:
         """d/dt exp(-gamma(t)) = exp(-gamma) * gap * g'(t) / (g(1) - g(0)) > 0."""
-        g0, g1 = self._g(torch.tensor([0.0, 1.0], device=t.device))
+        g0, g1 = self._g(self.ends)
         slope = F.softplus(self.gap) * self._g_derivative(t) / (g1 - g0)
         return torch.exp(-self.gamma(t)) * slope
 
@@ -227,7 +229,7 @@ class NoPropCT(_Continuous):
         source = self._noise_source(u)
         n = len(x)
         t = torch.rand(n, device=x.device)
-        abar = schedule.abar(torch.cat([t, torch.tensor([0.0, 1.0], device=x.device)]))
+        abar = schedule.abar(torch.cat([t, schedule.ends]))
         abar_t, abar0, abar1 = abar[:n, None], abar[n], abar[n + 1]
         z_t = abar_t.sqrt() * source + (1 - abar_t).sqrt() * torch.randn_like(u)
         uhat = predicted_embedding(net(net.image(x), z_t, t), embed.weight)
