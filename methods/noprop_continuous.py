@@ -175,6 +175,9 @@ class LearnedSchedule(nn.Module):
 
 
 class _Continuous(Method):
+    """What CT and FM share: the label embedding and the continuous-time network. Subclasses
+    add their own parts, then call `_finish`."""
+
     family = "noprop"
 
     def __init__(self, task: Task, config: ContinuousConfig) -> None:
@@ -185,7 +188,8 @@ class _Continuous(Method):
             "net": ContinuousNet(task, embed, config.dropout),
         })
 
-    def _make_optimizer(self) -> None:
+    def _finish(self) -> None:
+        """Move the complete model to the device and build its optimiser."""
         self.model.to(self.device, memory_format=torch.channels_last)  # faster conv and pooling
         self.optimizers = {
             "adam": torch.optim.Adam(
@@ -221,7 +225,7 @@ class NoPropCT(_Continuous):
         self.model["schedule"] = LearnedSchedule(
             config.gamma0_init, config.gamma1_init, config.schedule_width
         )
-        self._make_optimizer()
+        self._finish()
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         embed, net, schedule = self.model["embed"], self.model["net"], self.model["schedule"]
@@ -277,7 +281,7 @@ class NoPropFM(_Continuous):
         super().__init__(task, config)
         if self.model["embed"].learned:
             self.model["classifier"] = make_classifier(self.model["embed"], config.classifier_init)
-        self._make_optimizer()
+        self._finish()
 
     def velocity(self, features: Tensor, z: Tensor, t: Tensor) -> Tensor:
         """v = unnormalised logits @ W_embed."""
