@@ -175,13 +175,14 @@ def _fmt(value: float | None) -> str:
 
 
 def _difference(change: Change) -> str:
-    """Relative for counts, absolute for the error (whose margin is absolute)."""
+    """Absolute, and relative for counts: a change of a few bytes reads as -0.0% alone."""
     if change.baseline is None or change.current is None:
         return "-"
     diff = change.current - change.baseline
-    if METRICS[change.metric].only_higher_fails or change.baseline == 0:
-        return f"{diff:+.4f}" if diff != int(diff) else f"{int(diff):+,}"
-    return f"{diff / abs(change.baseline):+.1%}"
+    if METRICS[change.metric].only_higher_fails:
+        return f"{diff:+.4f}"
+    relative = f" ({diff / abs(change.baseline):+.1%})" if change.baseline else ""
+    return f"{int(diff):+,}{relative}"
 
 
 def format_changes(changes: list[Change]) -> str:
