@@ -1,4 +1,4 @@
-"""The `bpfree` command line: list, run, report.
+"""The `bpfree` command line: list, run, report, sweep, tune, check.
 
 Every user mistake ends in one line on stderr naming the problem and the fix, and exit code 2;
 tracebacks are kept for bugs.
