@@ -13,6 +13,16 @@ from methods.base import ConfigError, HParams, Method, Task
 from methods.nets import build_net
 
 
+def cross_entropy_step(logits: Tensor, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """One end-to-end update on the cross-entropy of `logits`: the whole of backprop's learning
+    rule, shared by every backprop baseline so that they differ only in architecture."""
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach()}
+
+
 @dataclass
 class BackpropConfig(HParams):
     """AdamW on cross-entropy; the NoProp paper's optimiser settings (Table 4) by default."""
@@ -48,12 +58,7 @@ class Backprop(Method):
         }
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        opt = self.optimizers["adamw"]
-        loss = F.cross_entropy(self.model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach()}
+        return cross_entropy_step(self.model(x), y, self.optimizers["adamw"])
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

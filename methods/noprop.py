@@ -94,6 +94,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.backprop import cross_entropy_step
 from methods.base import ConfigError, HParams, Method, Task
 from methods.nets import ImageBranch
 
@@ -513,12 +514,7 @@ class BackpropBlocks(_DTShaped):
         return self.model["classifier"](z)
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        opt = self.optimizers["adamw"]
-        loss = F.cross_entropy(self.forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach()}
+        return cross_entropy_step(self.forward(x), y, self.optimizers["adamw"])
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
