@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks import step_cost
 from benchmarks.check import BUDGET, measure_all
 from benchmarks.measure import synchronize
-from methods import Method, Task, all_methods
+from benchmarks.step_cost import SHAPES
+from methods import Method, all_methods
 
 METHODS = list(all_methods())
-SHAPES = {"mnist": ((1, 28, 28), 10), "cifar": ((3, 32, 32), 100)}
 # device_count() asks NVML, which unlike is_available() leaves CUDA uninitialised in the
 # forkserver parent, so that forked benchmark processes can still use CUDA.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.device_count() > 0 else [])]
@@ -52,14 +53,7 @@ def build_method(
 ) -> tuple[Method, Tensor, Tensor]:
     """A seeded method with its `quick` preset, and one random batch of the given shape."""
     skip_if_unregistered(name)
-    input_shape, num_classes = SHAPES[shape]
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    x = torch.randn(batch, *input_shape, device=dev)
-    y = torch.randint(0, num_classes, (batch,), device=dev)
-    cls = all_methods()[name]
-    task = Task(input_shape, num_classes, dev, seed=0, train_sample=(x, y))
-    return cls(task, cls.config_for(PRESET)), x, y
+    return step_cost.build_method(name, shape, device, batch, PRESET)
 
 
 class TrainStep:

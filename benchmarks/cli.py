@@ -1,4 +1,4 @@
-"""The `bpfree` command line: list, run, report, sweep, tune, check.
+"""The `bpfree` command line: list, run, report, sweep, tune, check, cost.
 
 Every user mistake ends in one line on stderr naming the problem and the fix, and exit code 2;
 tracebacks are kept for bugs.
@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.data import DATASETS, load_dataset
 from benchmarks.harness import Budget, Unit, resolve_device, run_units
-from benchmarks.records import merge_run, write_json
+from benchmarks.records import merge_run, write_csv, write_json
 from benchmarks.suites import SUITES
 from methods import ConfigError, all_methods, get_method
 
@@ -200,6 +200,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    from benchmarks.step_cost import SHAPES, markdown, step_costs
+
+    methods = args.methods.split(",")
+    for name in methods:
+        get_method(name)
+    shapes = args.input.split(",")
+    for shape in shapes:
+        if shape not in SHAPES:
+            raise ConfigError(f"unknown input {shape!r}; known: {', '.join(SHAPES)}")
+    if args.batch_size < 1 or args.repeats < 1:
+        raise ConfigError("--batch-size and --repeats must be >= 1")
+    preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
+    device = resolve_device(args.device)
+    frame = step_costs(methods, shapes, device, args.batch_size,
+                       preset_set.get("preset", "quick"), per_method, args.repeats)
+    env = environment(device)
+    print(markdown(frame))
+    print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, "
+          f"{env['torch_threads']} threads, commit {env['git_commit']}")
+    if args.out:
+        out = Path(args.out)
+        write_csv(out, frame.assign(**{k: str(v) for k, v in env.items()}))
+        print(f"wrote {out}")
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from benchmarks.tune import TUNED_DIR, tune_method
 
@@ -252,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--update", action="store_true",
                        help="rewrite the baseline with the current measurements")
     check.set_defaults(fn=cmd_check)
+
+    cost = sub.add_parser("cost", help="time, FLOPs and memory of one training step on random inputs")
+    cost.add_argument("--methods", required=True, help="comma-separated method names")
+    cost.add_argument("--input", default="mnist", help="comma-separated input shapes: mnist (1x28x28, "
+                                                       "10 classes), cifar (3x32x32, 100 classes)")
+    cost.add_argument("--batch-size", type=int, default=128)
+    cost.add_argument("--repeats", type=int, default=10, help="timed steps after one warm-up")
+    cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cost.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                      help="hyperparameter overrides, as for run (preset=NAME; default quick)")
+    cost.add_argument("--out", help="also write the rows, with the environment, to this CSV")
+    cost.set_defaults(fn=cmd_cost)
 
     sweep = sub.add_parser("sweep", help="run a sweep file's grid of units, resumably (docs/sweeps.md)")
     sweep.add_argument("sweep", metavar="SWEEP.toml")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pandas as pd
 import pytest
 
 from benchmarks.cli import main
+from benchmarks.measure import count_flops
+from benchmarks.step_cost import build_method
 from methods import all_methods
 
 
@@ -36,6 +39,26 @@ def test_run_writes_records_summary_meta_and_report(tmp_path, capsys):
     assert '"arch": "mlp"' in summary.loc[0, "config"]
 
 
+def test_cost_measures_every_method_and_input(tmp_path, capsys):
+    """`bpfree cost` rows carry the harness's deterministic FLOPs and bytes for that shape,
+    and a timing that is positive and ordered (min <= median <= max)."""
+    out = tmp_path / "cost.csv"
+    args = ["cost", "--methods", "backprop,noprop-dt", "--input", "mnist,cifar", "--repeats", "2",
+            "--batch-size", "8", "--device", "cpu", "--set", "arch=mlp", "--out", str(out)]
+    assert main(args) == 0
+    assert "| cifar | `noprop-dt` |" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert list(zip(frame["input"], frame["method"])) == [
+        ("mnist", "backprop"), ("mnist", "noprop-dt"), ("cifar", "backprop"), ("cifar", "noprop-dt")]
+    assert (frame["ms_step_min"] <= frame["ms_step"]).all() and (frame["ms_step"] <= frame["ms_step_max"]).all()
+    assert (frame["ms_step_min"] > 0).all() and set(frame["device"]) == {"cpu"}
+    for shape in ["mnist", "cifar"]:
+        method, x, y = build_method("noprop-dt", shape, "cpu", 8)
+        row = frame[(frame["input"] == shape) & (frame["method"] == "noprop-dt")].iloc[0]
+        assert row["gflop_step"] * 1e9 == pytest.approx(count_flops(partial(method.train_step, x, y)))
+        assert row["img_s"] == pytest.approx(8 / (row["ms_step"] / 1e3))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -51,6 +74,9 @@ def test_run_writes_records_summary_meta_and_report(tmp_path, capsys):
          "not found in {tmp}"),
         (["run", "--methods", "backprop", "--out", "/proc/bpfree-cannot-write"], "pass a writable --out"),
         (["report", "{tmp}"], "is not a bpfree run folder"),
+        (["cost", "--methods", "nope"], "unknown method 'nope'"),
+        (["cost", "--methods", "backprop", "--input", "imagenet"], "unknown input 'imagenet'"),
+        (["cost", "--methods", "backprop", "--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, message, tmp_path, capsys):

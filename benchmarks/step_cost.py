@@ -1,0 +1,127 @@
+"""What one training step costs: the `bpfree cost` verb.
+
+`bpfree run` measures a method while it learns; this measures one step in isolation, on random
+inputs of a dataset's shape, so that methods can be compared on any device without data
+(CIFAR-shaped costs are measured here although CIFAR cannot be downloaded on our machines).
+For each method and input shape it reports:
+
+- wall-clock per step: one warm-up step (lazy optimiser state, kernel selection), then
+  `repeats` timed steps, each between two device synchronisations; the median is reported
+  and the spread kept, because a shared machine's outliers are slow, never fast;
+- images/s, FLOPs per step (`torch.utils.flop_counter`, deterministic), the achieved FLOP/s,
+  and that as a fraction of the device's float32 matrix-multiply rate measured in the same
+  process under the same precision settings (`mm_fraction`, nanoGPT's MFU with a measured
+  rather than a datasheet peak, so that it means the same on a laptop and on a GPU);
+- bytes held for backward (peak at once and total) and the step's peak memory, from the
+  harness's `measure_costs`, so the figures match what `bpfree run` records.
+
+The numbers are only as quiet as the machine: run it alone, and read `torch_threads` and the
+device next to them (both are in the output).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from benchmarks.harness import measure_costs
+from benchmarks.measure import synchronize
+from methods import Method, Task, get_method
+
+# Input shape and number of classes of the datasets whose cost we compare.
+SHAPES = {"mnist": ((1, 28, 28), 10), "cifar": ((3, 32, 32), 100)}
+
+
+def build_method(
+    name: str, shape: str, device: torch.device | str, batch: int, preset: str = "quick",
+    overrides: dict | None = None,
+) -> tuple[Method, Tensor, Tensor]:
+    """A method seeded with 0 and one random batch of the given shape on `device`."""
+    input_shape, num_classes = SHAPES[shape]
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    x = torch.randn(batch, *input_shape, device=dev)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    cls = get_method(name)
+    task = Task(input_shape, num_classes, dev, seed=0, train_sample=(x, y))
+    return cls(task, cls.config_for(preset, overrides)), x, y
+
+
+def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n float32 matrix product on `device`, best of `repeats` after a warm-up,
+    under torch's current precision settings (TF32 is off for matmul by default)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def step_seconds(method: Method, x: Tensor, y: Tensor, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` training steps after one warm-up step. (Not named
+    `time_*`: asv would collect such a function as a benchmark.)"""
+    method.train()
+    method.train_step(x, y)
+    synchronize(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        method.train_step(x, y)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def step_costs(
+    names: list[str], shapes: list[str], device: torch.device, batch: int = 128,
+    preset: str = "quick", overrides: dict[str, dict] | None = None, repeats: int = 10,
+) -> pd.DataFrame:
+    """One row per (method, shape): time, throughput, FLOPs, bytes and memory of a step."""
+    mm_rate = matmul_flops_per_s(device, n=8192 if device.type == "cuda" else 2048)
+    rows = []
+    for shape in shapes:
+        for name in names:
+            method, x, y = build_method(name, shape, device, batch, preset, (overrides or {}).get(name))
+            costs = measure_costs(method, x, y, device)
+            seconds = step_seconds(method, x, y, device, repeats)
+            median = statistics.median(seconds)
+            rows.append({
+                "method": name, "input": shape, "batch": batch, "preset": preset,
+                "ms_step": 1e3 * median, "ms_step_min": 1e3 * min(seconds),
+                "ms_step_max": 1e3 * max(seconds), "repeats": repeats,
+                "img_s": batch / median,
+                "gflop_step": costs["flops_train_step"] / 1e9,
+                "gflop_s": costs["flops_train_step"] / median / 1e9,
+                "mm_fraction": costs["flops_train_step"] / median / mm_rate,
+                "mm_gflop_s": mm_rate / 1e9,
+                "act_peak_mib": costs["act_bytes_peak"] / 2**20,
+                "act_total_mib": costs["act_bytes_total"] / 2**20,
+                "peak_mem_mib": costs["peak_mem_bytes"] / 2**20,
+                "peak_mem_kind": costs["peak_mem_kind"],
+                "params": costs["params"],
+            })
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """The table a note or a doc quotes."""
+    header = ("| input | method | ms / step (min-max) | images / s | GFLOP / step | GFLOP/s "
+              "| of matmul rate | held for backward, peak (total) MiB | step peak MiB |")
+    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in frame.itertuples():
+        lines.append(
+            f"| {r.input} | `{r.method}` | {r.ms_step:.1f} ({r.ms_step_min:.1f}-{r.ms_step_max:.1f}) "
+            f"| {r.img_s:.0f} | {r.gflop_step:.2f} | {r.gflop_s:.0f} | {r.mm_fraction:.0%} "
+            f"| {r.act_peak_mib:.1f} ({r.act_total_mib:.1f}) | {r.peak_mem_mib:.1f} |"
+        )
+    return "\n".join(lines)
