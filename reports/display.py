@@ -98,8 +98,8 @@ def accuracy(acc: pd.DataFrame) -> Table:
         "'final' is the last epoch: the number to report. 'best epoch' is the highest test "
         "accuracy of any epoch, selected on the test set: for reference only, never for claims.",
         "Finished and diverged seeds count (a diverged seed keeps the accuracy it had when it "
-        "stopped); a row whose seeds are all still running shows their epochs so far and is "
-        "never marked best; failed seeds are listed below the tables.",
+        "stopped); a row whose seeds are all unfinished (running or interrupted) shows their "
+        "epochs so far and is never marked best; failed seeds are listed below the tables.",
     ]
     return Table("accuracy", "Accuracy", columns, rows, notes, set(range(2, len(columns) - 1)))
 

@@ -74,7 +74,7 @@ def method_markers(methods: list[str]) -> dict[str, str]:
 
 class Styler:
     """Colour, marker and line style of each variant, the same in every figure of a report;
-    the legend label says when a variant's units are still running."""
+    the legend label says when a variant's units are unfinished (running or interrupted)."""
 
     def __init__(self, summary: pd.DataFrame) -> None:
         methods = sorted(set(summary["method"]))
@@ -94,7 +94,7 @@ class Styler:
         return self.markers[self.method[variant]]
 
     def label(self, variant: str) -> str:
-        return variant + (" (running)" if variant in self.running else "")
+        return variant + (" (unfinished)" if variant in self.running else "")
 
 
 def _figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:

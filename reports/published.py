@@ -117,7 +117,7 @@ def compare(ours: pd.DataFrame, published: pd.DataFrame) -> tuple[pd.DataFrame, 
                          "difference": float("nan")})
         for _, row in matched.iterrows():
             value, std = metric.ours(row)
-            variant = row["variant"] + (" (running)" if row["partial"] else "")
+            variant = row["variant"] + (" (unfinished)" if row["partial"] else "")
             rows.append({**base, "variant": variant, "ours": value, "ours_std": std,
                          "n": row["n"], "epochs": row["epochs"],
                          "difference": value - published_value})

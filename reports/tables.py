@@ -55,7 +55,9 @@ def _status(group: pd.DataFrame) -> str:
         units = group[group["status"] == status]
         if units.empty:
             continue
-        text = f"{len(units)} {status}"
+        # A unit without a summary is in progress or was interrupted: the report cannot tell
+        # which, so it says neither.
+        text = f"{len(units)} {'unfinished' if status == 'running' else status}"
         if status == "diverged":
             text += " (" + "; ".join(f"seed {r.seed}, epoch {int(r.epochs_done)}"
                                      for r in units.itertuples()) + ")"

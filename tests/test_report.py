@@ -139,7 +139,7 @@ def test_published_table_joins_on_dataset_method_and_config(tmp_path):
     assert ren["published"] == pytest.approx(100 - 2.66)  # printed as test error
     assert ren["difference"] == pytest.approx(97.0 - 97.34)
     running = comp[comp["method"] == "fg-w"]
-    assert set(running["variant"]) == {"fg-w (running)"} and set(running["ours"]) == {90.0}
+    assert set(running["variant"]) == {"fg-w (unfinished)"} and set(running["ours"]) == {90.0}
     assert ("| noprop-dt (embedding=one-hot) | mnist | test acc % | 99.00 | 1 | 99.47 | -0.47 |"
             in render.markdown(doc))
     assert r"99.54 $\pm$ 0.04" in render.latex(doc)  # the paper's ± survives LaTeX escaping
@@ -223,7 +223,7 @@ def test_diverged_running_and_failed_units_are_shown_not_dropped(tmp_path):
             if "mnist-5k" in line}
     assert "1 finished, 1 diverged (seed 0, epoch 2)" in rows["noprop-dt"]
     assert "| noprop-dt | mnist-5k | 2 | 45.00 ± 49.50 |" in rows["noprop-dt"]  # diverged counts
-    assert "1 running (seed 0: 1/3 epochs)" in rows["fg-w"] and "**" not in rows["fg-w"]
+    assert "1 unfinished (seed 0: 1/3 epochs)" in rows["fg-w"] and "**" not in rows["fg-w"]
     assert "| fg-w | mnist-5k | 1 | 70.00 |" in rows["fg-w"]
     assert "1 failed" in rows["dtp"]
     assert "1 failed" in rows["noprop-fm"]
