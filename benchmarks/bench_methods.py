@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks import step_cost
 from benchmarks.check import BUDGET, measure_all
 from benchmarks.measure import synchronize
 from benchmarks.step_cost import SHAPES
+from benchmarks.step_cost import build_method as build_step_method
 from methods import Method, all_methods
 
 METHODS = list(all_methods())
@@ -53,7 +53,7 @@ def build_method(
 ) -> tuple[Method, Tensor, Tensor]:
     """A seeded method with its `quick` preset, and one random batch of the given shape."""
     skip_if_unregistered(name)
-    return step_cost.build_method(name, shape, device, batch, PRESET)
+    return build_step_method(name, shape, device, batch, PRESET)
 
 
 class TrainStep:

@@ -22,7 +22,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullForma
 
 from methods import all_methods
 from reports.display import MEMORY_KINDS, MIB
-from reports.tables import COMPLETE
+from reports.tables import COMPLETE, STATUS_LABELS
 
 DPI = 150  # PNG resolution; the HTML page shows figures at 100 dpi, sharp on HiDPI screens
 STYLE = {
@@ -94,7 +94,7 @@ class Styler:
         return self.markers[self.method[variant]]
 
     def label(self, variant: str) -> str:
-        return variant + (" (unfinished)" if variant in self.running else "")
+        return variant + (f" ({STATUS_LABELS['running']})" if variant in self.running else "")
 
 
 def _figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from methods import ConfigError
+from reports.tables import STATUS_LABELS
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "results" / "published" / "published.csv"
 COLUMNS = ("source", "table", "method", "dataset", "metric", "value", "std", "note")
@@ -117,7 +118,7 @@ def compare(ours: pd.DataFrame, published: pd.DataFrame) -> tuple[pd.DataFrame, 
                          "difference": float("nan")})
         for _, row in matched.iterrows():
             value, std = metric.ours(row)
-            variant = row["variant"] + (" (unfinished)" if row["partial"] else "")
+            variant = row["variant"] + (f" ({STATUS_LABELS['running']})" if row["partial"] else "")
             rows.append({**base, "variant": variant, "ours": value, "ours_std": std,
                          "n": row["n"], "epochs": row["epochs"],
                          "difference": value - published_value})

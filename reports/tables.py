@@ -17,6 +17,10 @@ from typing import Any
 import pandas as pd
 
 COMPLETE = ("finished", "diverged")  # statuses whose numbers count in a row's mean
+# How reports name a status. A unit without a summary is recorded as `running`, but it may as
+# well have been interrupted: the report cannot tell which, so it says neither.
+STATUS_LABELS = {"finished": "finished", "diverged": "diverged", "failed": "failed",
+                 "running": "unfinished"}
 IDENTITY = ("epochs", "batch_size", "device")  # besides the config, what makes a variant
 BASELINES = ("backprop", "backprop-blocks")  # the ratio baseline, first one present
 ACCURACY_METRICS = ("final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc")
@@ -55,9 +59,7 @@ def _status(group: pd.DataFrame) -> str:
         units = group[group["status"] == status]
         if units.empty:
             continue
-        # A unit without a summary is in progress or was interrupted: the report cannot tell
-        # which, so it says neither.
-        text = f"{len(units)} {'unfinished' if status == 'running' else status}"
+        text = f"{len(units)} {STATUS_LABELS[status]}"
         if status == "diverged":
             text += " (" + "; ".join(f"seed {r.seed}, epoch {int(r.epochs_done)}"
                                      for r in units.itertuples()) + ")"
