@@ -1,4 +1,4 @@
-"""The `bpfree` command line: list, run, report, sweep, tune, check, cost.
+"""The `bpfree` command line: list, run, report, evaluate, sweep, tune, check, cost.
 
 Every user mistake ends in one line on stderr naming the problem and the fix, and exit code 2;
 tracebacks are kept for bugs.
@@ -128,13 +128,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     for unit in units:
         unit.config()  # every hyperparameter is checked before anything runs
     device = resolve_device(args.device)
+    if args.inference_runs < 1:
+        raise ConfigError(f"--inference-runs must be >= 1, got {args.inference_runs}")
     budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
-                    target_accuracy=args.target_acc)
+                    target_accuracy=args.target_acc, inference_runs=args.inference_runs,
+                    keep_model=args.save_model)
 
     spec = {"methods": methods, "dataset": dataset, "seeds": seeds, "preset": preset,
             "sets": sorted(p for group in args.set for p in group), "epochs": epochs,
             "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
-            "target_acc": args.target_acc}
+            "target_acc": args.target_acc, "inference_runs": args.inference_runs}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     run_dir = Path(args.out) if args.out else Path("results/runs") / f"{args.suite or 'quick'}-{dataset}-{digest}"
     try:
@@ -174,6 +177,16 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {path}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from benchmarks.evaluate import evaluate_run
+
+    frame = evaluate_run(Path(args.run_dir), [p for group in args.set for p in group],
+                         args.inference_runs, args.data_dir, args.device,
+                         methods=args.methods.split(",") if args.methods else None)
+    print(frame.drop(columns=["setting"]).to_string(index=False))
+    print(f"appended {len(frame)} row(s) to {Path(args.run_dir) / 'evaluations.csv'}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from benchmarks.check import BASELINE, run_check
 
@@ -189,6 +202,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
     if args.data_dir:
         sweep = replace(sweep, data_dir=args.data_dir)
+    if args.units_per_gpu is not None:
+        if args.units_per_gpu < 1:
+            raise ConfigError(f"--units-per-gpu must be >= 1, got {args.units_per_gpu}")
+        sweep = replace(sweep, units_per_gpu=args.units_per_gpu)
     out = Path(args.out) if args.out else Path("results/sweeps") / Path(args.sweep).stem
     result = run_sweep(sweep, out, args.executor, args.address, args.max_parallel,
                        args.max_retries, progress=sys.stderr.isatty())
@@ -214,8 +231,13 @@ def cmd_cost(args: argparse.Namespace) -> None:
         raise ConfigError("--batch-size and --repeats must be >= 1")
     preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
     device = resolve_device(args.device)
+    if args.overhead_steps < 0:
+        raise ConfigError(f"--overhead-steps must be >= 0, got {args.overhead_steps}")
     frame = step_costs(methods, shapes, device, args.batch_size,
-                       preset_set.get("preset", "quick"), per_method, args.repeats)
+                       preset_set.get("preset", "quick"), per_method, args.repeats,
+                       args.overhead_steps,
+                       progress=lambda what: print(f"bpfree cost: {what}", file=sys.stderr,
+                                                   flush=True))
     env = environment(device)
     print(markdown(frame))
     print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, "
@@ -264,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-fraction", type=float, default=0.0,
                      help="carve a stratified validation split of this fraction from train")
     run.add_argument("--target-acc", type=float, help="accuracy for time-to-target (default per dataset)")
+    run.add_argument("--inference-runs", type=int, default=1,
+                     help="evaluation passes averaged for methods whose prediction samples "
+                          "(NoProp: the paper uses 5); recorded as mean and standard error")
+    run.add_argument("--save-model", action="store_true",
+                     help="keep each unit's trained model in model.pt, for `bpfree evaluate`")
     run.set_defaults(fn=cmd_run)
 
     report = sub.add_parser("report", help="tables and plots from run folders")
@@ -272,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--formats", default="md,html,tex,csv",
                         help="comma-separated subset of md,html,tex,csv (default: all)")
     report.set_defaults(fn=cmd_report)
+
+    ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model) "
+                                         "under other inference settings, without retraining")
+    ev.add_argument("run_dir")
+    ev.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
+                    help="inference settings to try, every combination: inference_steps, "
+                         "sampler, step (default: as trained)")
+    ev.add_argument("--inference-runs", type=int, default=5,
+                    help="evaluation passes averaged per setting (default 5, as the NoProp paper)")
+    ev.add_argument("--methods", help="comma-separated: evaluate only these methods' units")
+    ev.add_argument("--data-dir", help="folder holding the dataset's files")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.set_defaults(fn=cmd_evaluate)
 
     check = sub.add_parser("check", help="CI regression gate: deterministic metrics vs the baseline")
     check.add_argument("--baseline", help="baseline CSV (default results/baseline/ci.csv)")
@@ -288,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     cost.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                       help="hyperparameter overrides, as for run (preset=NAME; default quick)")
+    cost.add_argument("--overhead-steps", type=int, default=0,
+                      help="also time the harness's epoch loop against a bare loop of this many "
+                           "steps (0: skip)")
     cost.add_argument("--out", help="also write the rows, with the environment, to this CSV")
     cost.set_defaults(fn=cmd_cost)
 
@@ -298,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: start a private local one")
     sweep.add_argument("--max-parallel", type=int,
                        help="units at once (default: 1 locally, what the cluster fits on Ray)")
+    sweep.add_argument("--units-per-gpu", type=int,
+                       help="units sharing one GPU at once (default: the file's, or 1); on Ray "
+                            "each asks for 1/N of a GPU, locally N workers per GPU")
     sweep.add_argument("--max-retries", type=int, help="retries of a failed unit (default: the file's, or 1)")
     sweep.add_argument("--data-dir", help="folder holding the datasets' files (overrides the file's)")
     sweep.add_argument("--out", help="sweep folder (default results/sweeps/<file name>)")

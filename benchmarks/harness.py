@@ -78,6 +78,10 @@ class Budget:
     warmup_steps: int = 2
     eval_batch_size: int = 1000
     target_accuracy: float | None = None  # None: the dataset's default target
+    # Inference passes per evaluation for methods whose prediction samples (NoProp): the
+    # NoProp paper reports the mean over 5. Their time is eval_time_s, never training time.
+    inference_runs: int = 1
+    keep_model: bool = False  # write the trained state to model.pt (for `bpfree evaluate`)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,11 +120,40 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+def batches(n: int, batch_size: int, seed: int, epoch: int,
+            device: torch.device | str = "cpu") -> list[Tensor]:
     """The shuffled minibatch indices of one epoch: a function of (seed, epoch) only, so a
-    resumed run sees exactly the batches the uninterrupted one would have."""
+    resumed run sees exactly the batches the uninterrupted one would have. The permutation is
+    copied to `device` once, so the training loop indexes device memory with device indices
+    (a host-to-device copy per step would synchronise with the device every step)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return list(torch.randperm(n, generator=gen).split(batch_size))
+    return list(torch.randperm(n, generator=gen).to(device).split(batch_size))
+
+
+def train_epoch(method: Method, x: Tensor, y: Tensor, order: list[Tensor]
+                ) -> tuple[dict[str, Tensor], float]:
+    """One epoch of `method.step` over the minibatches `order`: the timed region.
+
+    Returns the per-step mean of every diagnostic the method returns (still on the device)
+    and the seconds the epoch took between two device synchronisations. Nothing in the loop
+    waits for the device: diagnostics are summed as tensors and read after the clock stops.
+    """
+    device = x.device
+    method.train()
+    sums: dict[str, Tensor] = {}
+    measure.synchronize(device)
+    start = time.perf_counter()
+    for idx in order:
+        for key, value in method.step(x[idx], y[idx]).items():
+            sums[key] = sums[key] + value if key in sums else value.detach().clone()
+    measure.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {k: v / len(order) for k, v in sums.items()}, seconds
+
+
+def diverged(means: dict[str, Tensor]) -> bool:
+    """Whether an epoch's mean diagnostics say training blew up: any of them is not finite."""
+    return not all(is_finite(v) for v in means.values())
 
 
 @torch.no_grad()
@@ -131,6 +164,32 @@ def accuracy(method: Method, x: Tensor, y: Tensor, batch_size: int) -> float:
         scores = method.predict(x[start : start + batch_size])
         correct += (scores.argmax(1) == y[start : start + batch_size]).sum()
     return correct.item() / max(len(x), 1)
+
+
+def evaluate(method: Method, x: Tensor, y: Tensor, batch_size: int, runs: int, seed: int
+             ) -> list[float]:
+    """Accuracy of `runs` independent inference passes (one for a method whose `predict`
+    does not sample). Pass r draws its noise from a generator seeded with (seed, r) and
+    leaves the training RNG untouched, so evaluating never changes what is learned, and a
+    saved model evaluated again with the same seed gives the same numbers."""
+    runs = runs if method.samples_at_inference else 1
+    device = x.device
+    out = []
+    with preserved_rng(device):
+        for r in range(runs):
+            torch.manual_seed(seed * 1_000_003 + 7_919 * r + 1)
+            out.append(accuracy(method, x, y, batch_size))
+    return out
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
 
 
 def measure_costs(method: Method, x: Tensor, y: Tensor, device: torch.device) -> dict[str, Any]:
@@ -174,6 +233,27 @@ class UnitResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def build_method(cls: type[Method], config: HParams, data: Dataset, seed: int,
+                 device: torch.device) -> tuple[Method, tuple[Tensor, Tensor], Tensor]:
+    """A unit's method, seeded, with the training split on `device` and the indices of the
+    training images its train accuracy is measured on. The data-dependent initialisers see
+    a seeded sample of `TRAIN_SAMPLE` training images, never validation or test."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sample_idx = torch.randperm(len(data.train_x), generator=gen)[:TRAIN_SAMPLE].to(device)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    task = Task(
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        device=device,
+        seed=seed,
+        train_sample=(train_x[sample_idx], train_y[sample_idx]),
+    )
+    method = cls(task, config)
+    eval_idx = torch.randperm(len(train_x), generator=gen)[:TRAIN_EVAL].to(device)
+    return method, (train_x, train_y), eval_idx
+
+
 def run_unit(
     unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool = False
 ) -> UnitResult:
@@ -195,33 +275,22 @@ def run_unit(
         "epochs": budget.epochs,
         "batch_size": budget.batch_size,
         "device": str(device),
+        "inference_runs": budget.inference_runs,
     }
     (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
     write_json(unit_dir / "unit.json", identity)
 
-    torch.manual_seed(unit.seed)
-    gen = torch.Generator().manual_seed(unit.seed)
-    sample_idx = torch.randperm(len(data.train_x), generator=gen)[:TRAIN_SAMPLE]
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    task = Task(
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        device=device,
-        seed=unit.seed,
-        train_sample=(train_x[sample_idx.to(device)], train_y[sample_idx.to(device)]),
-    )
-    method = cls(task, config)
+    method, (train_x, train_y), eval_idx = build_method(cls, config, data, unit.seed, device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    eval_idx = torch.randperm(len(train_x), generator=gen)[:TRAIN_EVAL].to(device)
     val = (data.val_x.to(device), data.val_y.to(device)) if data.val_x is not None else None
 
-    first = batches(len(train_x), budget.batch_size, unit.seed, 0)[0].to(device)
+    first = batches(len(train_x), budget.batch_size, unit.seed, 0, device)[0]
     costs = measure_costs(method, train_x[first], train_y[first], device)
     with preserved_rng(device):
         warm = copy.deepcopy(method)
         warm.train()
         for _ in range(budget.warmup_steps):
-            warm.train_step(train_x[first], train_y[first])
+            warm.step(train_x[first], train_y[first])
         measure.synchronize(device)
         del warm
 
@@ -238,23 +307,23 @@ def run_unit(
         initial=len(rows), total=budget.epochs,
     )
     for epoch in epochs:
-        method.train()
-        sums: dict[str, Tensor] = {}
-        order = batches(len(train_x), budget.batch_size, unit.seed, epoch + 1)
-        measure.synchronize(device)
-        start = time.perf_counter()
-        for idx in tqdm(order, desc="batches", disable=not progress, leave=False):
-            idx = idx.to(device)
-            for key, value in method.train_step(train_x[idx], train_y[idx]).items():
-                sums[key] = sums[key] + value if key in sums else value.detach().clone()
-        measure.synchronize(device)
-        seconds = time.perf_counter() - start
+        order = batches(len(train_x), budget.batch_size, unit.seed, epoch + 1, device)
+        means, seconds = train_epoch(method, train_x, train_y, order)
         cum_time += seconds
         images += len(train_x)
-        diagnostics = {f"train_{k}": (v / len(order)).item() for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in diagnostics.values()):
+        diagnostics = {f"train_{k}": v.item() for k, v in means.items()}
+        if diverged(means):
             status = "diverged"
-        test_acc = accuracy(method, test_x, test_y, budget.eval_batch_size)
+        eval_start = time.perf_counter()
+        eval_seed = unit.seed * 1_000 + epoch + 1
+        tests = evaluate(method, test_x, test_y, budget.eval_batch_size, budget.inference_runs,
+                         eval_seed)
+        test_acc, test_se = mean_and_se(tests)
+        vals = (evaluate(method, *val, budget.eval_batch_size, budget.inference_runs, eval_seed)
+                if val else [float("nan")])
+        train_acc = evaluate(method, train_x[eval_idx], train_y[eval_idx],
+                             budget.eval_batch_size, 1, eval_seed)[0]
+        eval_time = time.perf_counter() - eval_start
         rows.append(
             {
                 "unit": unit.id,
@@ -262,10 +331,14 @@ def run_unit(
                 "dataset": data.name,
                 "seed": unit.seed,
                 "epoch": epoch + 1,
-                "train_acc": accuracy(method, train_x[eval_idx], train_y[eval_idx], budget.eval_batch_size),
+                "train_acc": train_acc,
                 "test_acc": test_acc,
-                "val_acc": accuracy(method, *val, budget.eval_batch_size) if val else float("nan"),
+                "test_acc_se": test_se,
+                "val_acc": mean_and_se(vals)[0],
+                "val_acc_se": mean_and_se(vals)[1],
+                "inference_runs": len(tests),
                 "epoch_time_s": seconds,
+                "eval_time_s": eval_time,
                 "cum_time_s": cum_time,
                 "cum_train_flops": costs["flops_train_step"] / budget.batch_size * images,
                 **diagnostics,
@@ -283,17 +356,22 @@ def run_unit(
 
     records = pd.DataFrame(rows)
     reached = records[records["test_acc"] >= target] if target and len(records) else records.iloc[:0]
+    if budget.keep_model:
+        save_checkpoint(unit_dir / "model.pt", {"model": method.model.state_dict()})
     summary = {
         **identity,
+        "step_mode": method.step_mode,
         "status": status,
         "epochs_done": len(rows),
         "final_test_acc": rows[-1]["test_acc"] if rows else float("nan"),
+        "final_test_acc_se": rows[-1]["test_acc_se"] if rows else float("nan"),
         "best_test_acc": max(r["test_acc"] for r in rows) if rows else float("nan"),
         "final_train_acc": rows[-1]["train_acc"] if rows else float("nan"),
         "final_val_acc": rows[-1]["val_acc"] if rows else float("nan"),
         "train_time_s": cum_time,
         "time_per_epoch_s": cum_time / max(len(rows), 1),
         "throughput_img_s": images / cum_time if cum_time > 0 else float("nan"),
+        "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in rows),
         "target_acc": target,
         "time_to_target_s": float(reached["cum_time_s"].iloc[0]) if len(reached) else float("nan"),
         **costs,

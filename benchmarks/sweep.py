@@ -78,8 +78,14 @@ class Sweep:
     target_acc: float | None = None
     max_retries: int = 1
     cpus_per_unit: int | None = None
+    units_per_gpu: int = 1
+    inference_runs: int = 1
+    keep_model: bool = False
     description: str = ""
-    grid: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
+    # Per method, one or more tables of hyperparameter axes; each table is a cross product,
+    # and several tables ([[grid.<method>]]) are their union: how one-factor-at-a-time
+    # ablations are written.
+    grid: dict[str, tuple[dict[str, tuple[Any, ...]], ...]] = field(default_factory=dict)
 
     def spec(self) -> dict[str, Any]:
         """The sweep as plain data, for meta.json."""
@@ -94,9 +100,12 @@ class Sweep:
 
         units: dict[str, SweepUnit] = {}
         for dataset, epochs, method in itertools.product(self.datasets, self.epochs, self.methods):
-            grid = self.grid.get(method, {})
-            for values in itertools.product(*grid.values()):
-                point = {key: str(value) for key, value in zip(grid, values)}
+            tables = self.grid.get(method, ({},))
+            points = [dict(zip(table, values)) for table in tables
+                      for values in itertools.product(*table.values())]
+            grid = self.grid.get(method)
+            for point in points:
+                point = {key: str(value) for key, value in point.items()}
                 try:
                     overrides = resolve_preset(method, dataset, self.preset, point)
                     for seed in self.seeds:
@@ -115,7 +124,7 @@ class Sweep:
 _REQUIRED = ("methods", "datasets", "seeds", "epochs")
 
 
-_KINDS = {"a string": (str,), "an integer": (int,), "a number": (int, float),
+_KINDS = {"a string": (str,), "an integer": (int,), "a number": (int, float), "a boolean": (bool,),
           "a string, number or boolean": (str, int, float, bool)}
 
 
@@ -170,13 +179,15 @@ def load_sweep(path: str | Path) -> Sweep:
                       ("device", "a string"), ("data_dir", "a string"),
                       ("val_fraction", "a number"), ("target_acc", "a number"),
                       ("max_retries", "an integer"), ("cpus_per_unit", "an integer"),
-                      ("description", "a string")]:
+                      ("units_per_gpu", "an integer"), ("inference_runs", "an integer"),
+                      ("keep_model", "a boolean"), ("description", "a string")]:
         if key in raw:
             if not _is(raw[key], what):
                 raise ConfigError(f"{path}: key {key!r} must be {what}, got {raw[key]!r}")
             options[key] = raw[key]
-    if options.get("batch_size", 1) < 1 or options.get("cpus_per_unit", 1) < 1:
-        raise ConfigError(f"{path}: keys 'batch_size' and 'cpus_per_unit' must be >= 1")
+    for key in ("batch_size", "cpus_per_unit", "units_per_gpu", "inference_runs"):
+        if options.get(key, 1) < 1:
+            raise ConfigError(f"{path}: key {key!r} must be >= 1, got {options[key]}")
     if options.get("max_retries", 0) < 0:
         raise ConfigError(f"{path}: key 'max_retries' must be >= 0, got {options['max_retries']}")
     if options.get("device", "auto") not in DEVICES:
@@ -186,17 +197,21 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: key 'val_fraction' must be in [0, 1), "
                           f"got {options['val_fraction']}")
     grid = raw.get("grid", {})
-    if not isinstance(grid, dict) or not all(isinstance(t, dict) for t in grid.values()):
-        raise ConfigError(f"{path}: key 'grid' must hold tables [grid.<method>] of "
-                          f"hyperparameter = [values]")
+    if not isinstance(grid, dict) or not all(
+            isinstance(t, dict) or (isinstance(t, list) and t and all(isinstance(i, dict) for i in t))
+            for t in grid.values()):
+        raise ConfigError(f"{path}: key 'grid' must hold tables [grid.<method>] (or arrays of "
+                          f"tables [[grid.<method>]]) of hyperparameter = [values]")
     for method in grid:
         if method not in methods:
             raise ConfigError(f"{path}: [grid.{method}]: {method!r} is not in 'methods' "
                               f"({', '.join(methods)})")
     checked = {
-        method: {key: _axis(path, f"grid.{method}.{key}", values, "a string, number or boolean")
-                 for key, values in table.items()}
-        for method, table in grid.items()
+        method: tuple(
+            {key: _axis(path, f"grid.{method}.{key}", values, "a string, number or boolean")
+             for key, values in table.items()}
+            for table in (tables if isinstance(tables, list) else [tables]))
+        for method, tables in grid.items()
     }
     sweep = Sweep(path, methods, datasets, seeds, epochs, grid=checked, **options)
     sweep.units()  # every hyperparameter of every point is checked before anything runs
@@ -338,8 +353,9 @@ def _check_resumable(meta_path: Path, spec: dict[str, Any]) -> dict[str, Any] | 
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    for key in ("batch_size", "device", "data_dir", "val_fraction", "target_acc"):
-        if meta["spec"].get(key) != spec[key]:
+    for key in ("batch_size", "device", "data_dir", "val_fraction", "target_acc",
+                "inference_runs"):
+        if meta["spec"].get(key, Sweep.__dataclass_fields__[key].default) != spec[key]:
             raise ConfigError(f"{meta_path.parent} was swept with {key}={meta['spec'].get(key)!r}, "
                               f"this file says {spec[key]!r}; pass another --out DIR")
     return meta
@@ -347,8 +363,12 @@ def _check_resumable(meta_path: Path, spec: dict[str, Any]) -> dict[str, Any] | 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
               address: str | None = None, max_parallel: int | None = None,
-              max_retries: int | None = None, progress: bool = False) -> SweepResult:
-    """Run (or resume) a sweep into `sweep_dir`; see the module docstring."""
+              max_retries: int | None = None, progress: bool = False,
+              gpu_resource: str = "GPU") -> SweepResult:
+    """Run (or resume) a sweep into `sweep_dir`; see the module docstring.
+
+    `gpu_resource` names the Ray resource a unit's GPU share is taken from: "GPU", or in
+    tests a custom resource that stands in for a GPU on a machine without one."""
     from benchmarks.harness import resolve_device
 
     if executor not in ("local", "ray"):
@@ -367,17 +387,24 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
 
             resources = ray.cluster_resources()
             cuda = sweep.device == "cuda" or (sweep.device == "auto" and resources.get("GPU", 0) > 0)
+            shares = cuda or gpu_resource != "GPU"
             threads = sweep.cpus_per_unit or 1
-            fits = int(resources.get("GPU", 0)) if cuda else int(resources.get("CPU", 1) // threads)
+            cpu_fits = int(resources.get("CPU", 1) // threads)
+            gpu_fits = int(resources.get(gpu_resource, 0) * sweep.units_per_gpu)
+            fits = min(gpu_fits, cpu_fits) if shares else cpu_fits
             capacity = max_parallel or max(fits, 1)
             device = torch.device("cuda" if cuda else "cpu")
+            fraction = 1 / sweep.units_per_gpu if shares else 0.0
         else:
             device = resolve_device(sweep.device)
-            capacity = max_parallel or 1
+            gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+            capacity = max_parallel or max(1, gpus * sweep.units_per_gpu)
             threads = sweep.cpus_per_unit or max(1, (os.cpu_count() or 1) // capacity)
+            fraction = 0.0
         ctx = Context(str(sweep_dir), sweep.batch_size, device.type,
                       str(Path(sweep.data_dir).resolve()) if sweep.data_dir else None,
-                      sweep.val_fraction, sweep.target_acc, threads, executor)
+                      sweep.val_fraction, sweep.target_acc, threads, executor,
+                      sweep.inference_runs, sweep.keep_model, fraction, gpu_resource)
 
         spec = sweep.spec()
         meta_path = sweep_dir / "meta.json"

@@ -48,6 +48,12 @@ class Context:
     target_acc: float | None
     threads: int  # torch intra-op threads per unit (= CPUs a unit is given)
     executor: str
+    inference_runs: int = 1
+    keep_model: bool = False
+    # Share of one GPU each unit asks Ray for (1/units_per_gpu; 0 on CPU), and the Ray
+    # resource it is taken from: "GPU", or a custom resource standing in for one in tests.
+    gpu_fraction: float = 0.0
+    gpu_resource: str = "GPU"
 
 
 @lru_cache(maxsize=2)
@@ -70,19 +76,33 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
         "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
                         and torch.cuda.is_available()
                         else platform.processor() or platform.machine()),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_share": _gpu_share(ctx),
     })
     try:
         data = _dataset(unit.dataset, ctx.data_dir, ctx.val_fraction)
         budget = Budget(epochs=unit.epochs, batch_size=ctx.batch_size, device=ctx.device,
-                        target_accuracy=ctx.target_acc)
+                        target_accuracy=ctx.target_acc, inference_runs=ctx.inference_runs,
+                        keep_model=ctx.keep_model)
         result = run_unit(unit, data, budget, unit_dir)
-        return {"status": result.summary["status"], "error": None, "retry": False}
+        finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        return {"status": result.summary["status"], "error": None, "retry": False,
+                "finished": finished}
     except Exception as exc:  # recorded by the driver; the worker stays usable
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "retry": not isinstance(exc, ConfigError), "traceback": traceback.format_exc()}
+
+
+def _gpu_share(ctx: Context) -> float | None:
+    """The share of a GPU (or of the stand-in resource) Ray gave this task; None elsewhere."""
+    if ctx.executor != "ray" or not ctx.gpu_fraction:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_assigned_resources().get(ctx.gpu_resource)
 
 
 def died(exitcode: int | None) -> dict[str, Any]:
@@ -216,9 +236,11 @@ class RayPool:
 
         self.ray = ray
         self.capacity = capacity
+        share = ({"num_gpus": ctx.gpu_fraction} if ctx.gpu_resource == "GPU"
+                 else {"resources": {ctx.gpu_resource: ctx.gpu_fraction}})
         self.task = ray.remote(execute).options(
-            num_cpus=ctx.threads, num_gpus=1 if ctx.device == "cuda" else 0,
-            max_retries=0, retry_exceptions=False)
+            num_cpus=ctx.threads, max_retries=0, retry_exceptions=False,
+            **(share if ctx.gpu_fraction else {}))
         self.ctx = ctx
         self.running: dict[Any, tuple[SweepUnit, int]] = {}  # object ref -> unit, attempt
 

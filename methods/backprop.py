@@ -52,13 +52,17 @@ class Backprop(Method):
             config.arch, task.input_shape, task.num_classes, config.width, config.depth
         ).to(self.device)
         self.optimizers = {
-            "adamw": torch.optim.AdamW(
-                self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            "adamw": self.make_optimizer(
+                torch.optim.AdamW, self.model.parameters(), lr=config.lr,
+                weight_decay=config.weight_decay,
             )
         }
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         return cross_entropy_step(self.model(x), y, self.optimizers["adamw"])
+
+    def capturable(self) -> bool:
+        return True
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -46,19 +48,26 @@ class Task:
     train_sample: tuple[Tensor, Tensor] | None = None
 
 
+StepMode = Literal["auto", "eager", "graph"]
+
+
 @dataclass
 class HParams:
-    """Base of every method's hyperparameter dataclass: the optimiser settings all share."""
+    """Base of every method's hyperparameter dataclass: the optimiser settings all share, and
+    how a training step is executed (`step`, which changes speed, not what is computed)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # eager: run `train_step` as Python; graph: record it once as a CUDA graph and replay it
+    # (no per-kernel host cost); auto: graph on CUDA for methods that can be captured, else eager.
+    step: StepMode = "auto"
 
     def validate(self) -> None:
         """Raise ConfigError on values that cannot work; subclasses extend this."""
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:
@@ -66,6 +75,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if not isinstance(value, str):
         return value
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        if value.lower() in ("none", "null", ""):
+            return None
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        origin = typing.get_origin(kind)
     if origin is typing.Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -123,6 +137,9 @@ class Method:
     # exclusive) or ("choice", [values]). Override in a subclass, e.g.
     # `search_space = {**Method.search_space, "T": ("choice", [5, 10])}`.
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"lr": ("loguniform", 1e-4, 1e-2)}
+    # Whether `predict` draws random numbers (NoProp's chains start from noise): its accuracy
+    # is then a random variable, and the harness averages `--inference-runs` passes.
+    samples_at_inference: ClassVar[bool] = False
 
     model: nn.Module
     optimizers: dict[str, torch.optim.Optimizer]
@@ -132,6 +149,86 @@ class Method:
         self.config = config
         self.device = task.device
         self.optimizers = {}
+        self.step_mode = self._resolve_step_mode()
+        self._graphs: dict[tuple, CapturedStep] = {}
+        self._warm: dict[tuple, int] = {}
+
+    # --- how a step is executed -------------------------------------------------------------
+    def capturable(self) -> bool:
+        """Whether `train_step` can be recorded once as a CUDA graph and replayed: it must
+        launch the same kernels every step, change no host-side state, never read a device
+        value on the host, and build its optimisers with `make_optimizer`. Methods that meet
+        this say so by overriding; the default is the safe answer."""
+        return False
+
+    def _resolve_step_mode(self) -> str:
+        mode = getattr(self.config, "step", "eager")
+        cuda = self.device.type == "cuda"
+        if mode == "auto":
+            return "graph" if cuda and self.capturable() else "eager"
+        if mode == "graph" and not cuda:
+            raise ConfigError("step=graph records a CUDA graph and needs --device cuda; "
+                              "use step=eager (or auto) on the CPU")
+        if mode == "graph" and not self.capturable():
+            raise ConfigError(f"step=graph: {self.name} with these settings cannot be captured "
+                              "as a CUDA graph (see its docs); use step=eager or auto")
+        return mode
+
+    def make_optimizer(self, cls: type[torch.optim.Optimizer], params: Any, **kwargs: Any
+                       ) -> torch.optim.Optimizer:
+        """`cls(params, **kwargs)`, with the fused CUDA kernel on a GPU (one launch for all
+        parameters) and, in graph mode, its step counters on the device (`capturable`), so
+        that the update can be replayed inside a CUDA graph. On the CPU nothing is added,
+        which keeps CPU results bit-identical to the plain optimiser."""
+        accepts = inspect.signature(cls).parameters
+        if self.device.type == "cuda":
+            if "fused" in accepts:
+                kwargs.setdefault("fused", True)
+            if self.step_mode == "graph" and "capturable" in accepts:
+                kwargs.setdefault("capturable", True)
+        return cls(params, **kwargs)
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """One training step, executed as `step_mode` says; what the harness calls.
+
+        In graph mode the first `GRAPH_WARMUP` steps of each input shape run eagerly on a side
+        stream (CUDA's rule before capture; they are real training steps), the next one is
+        recorded and every later one replays the recording on static copies of the inputs.
+        The returned tensors are then the graph's static outputs: read them before the next
+        step, as the harness does.
+        """
+        if self.step_mode != "graph":
+            return self.train_step(x, y)
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._warm.get(key, 0) < GRAPH_WARMUP:
+                self._warm[key] = self._warm.get(key, 0) + 1
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    out = self.train_step(x, y)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                return out
+            graph = self._graphs[key] = CapturedStep(self, x, y)
+        return graph(x, y)
+
+    def drop_graphs(self) -> None:
+        """Forget recorded steps (after new tensors replaced the ones they were recorded on)."""
+        self._graphs.clear()
+        self._warm.clear()
+
+    def __deepcopy__(self, memo: dict) -> Method:
+        """Copies (warm-up, cost measurement) share nothing with the original, recorded CUDA
+        graphs included: a copy records its own."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in vars(self).items():
+            if key in ("_graphs", "_warm"):
+                setattr(clone, key, {})
+            else:
+                setattr(clone, key, copy.deepcopy(value, memo))
+        return clone
 
     # --- what every method implements -------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -184,3 +281,32 @@ class Method:
         self.model.load_state_dict(state["model"])
         for key, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][key])
+        self.drop_graphs()  # the optimisers now hold new state tensors
+
+
+# Eager steps per input shape before a step is recorded as a CUDA graph.
+GRAPH_WARMUP = 2
+
+
+class CapturedStep:
+    """One `train_step` recorded as a CUDA graph on static input buffers.
+
+    Recording launches nothing, so the first call records and then replays: every call
+    performs exactly one training step. The method's parameters, buffers, gradients and
+    optimiser state are used in place, so they keep learning across replays; random numbers
+    come from CUDA's graph-safe generator, which advances its offset on every replay.
+    """
+
+    def __init__(self, method: Method, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        for opt in method.optimizers.values():
+            opt.zero_grad(set_to_none=True)  # gradients are allocated in the graph's pool
+        with torch.cuda.graph(self.graph):
+            self.out = method.train_step(self.x, self.y)
+
+    def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return self.out

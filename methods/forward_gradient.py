@@ -112,13 +112,6 @@ def _jvp_chunks(
         yield tangents, loss, slope, aux
 
 
-def _make_optimizer(params: Any, config: ForwardGradientConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 class _ForwardGradient(Method):
@@ -139,7 +132,18 @@ class _ForwardGradient(Method):
             config.arch, task.input_shape, task.num_classes, config.width, config.depth
         ).to(self.device)
         self.model = self._build_model(task)
-        self.optimizers = {config.optimizer: _make_optimizer(self.model.parameters(), config)}
+        params = self.model.parameters()
+        if config.optimizer == "sgd":
+            opt = self.make_optimizer(torch.optim.SGD, params, lr=config.lr,
+                                      momentum=config.momentum, weight_decay=config.weight_decay)
+        else:
+            cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+            opt = self.make_optimizer(cls, params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizers = {config.optimizer: opt}
+
+    def capturable(self) -> bool:
+        """The JVPs, the estimates and the optimiser step are the same kernels every step."""
+        return True
 
     def _build_model(self, task: Task) -> nn.Module:
         """`self.net` plus whatever else the method trains."""

@@ -85,6 +85,7 @@ a_t [mix_init, default 0.5] is not given in the paper.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from methods.backprop import cross_entropy_step
 from methods.base import ConfigError, HParams, Method, Task
@@ -112,6 +114,7 @@ class EmbeddingConfig(HParams):
     embedding: EmbeddingKind = "one-hot"
     embed_dim: int = 20  # `learned` only; one-hot uses the class count, prototype the image size
     embed_init: EmbeddingInit = "auto"
+    embed_scale: float = 1.0  # multiplies the initial embedding (one-hot's fixed one too)
     classifier_init: Literal["nearest-embedding", "default"] = "nearest-embedding"
     dropout: float = 0.2
     lr: float = 1e-3
@@ -121,6 +124,8 @@ class EmbeddingConfig(HParams):
         super().validate()
         if self.embed_dim < 1:
             raise ConfigError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if not 0 < self.embed_scale < float("inf"):
+            raise ConfigError(f"embed_scale must be a finite number > 0, got {self.embed_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.embed_init == "prototype" and self.embedding != "prototype":
@@ -142,9 +147,15 @@ class NoPropDTConfig(NoisedLabelConfig):
 
     T: int = 10
     eta: float = 0.1
-    log_snr_max: float = 4.0  # the schedule spans log SNR in [-log_snr_max, log_snr_max]
+    log_snr_max: float = 4.0  # the schedule spans log SNR in [-log_snr_max, log_snr_max]...
+    abar_0: float | None = None  # ...unless an end is set: abar at t = 0 (noise end), may be 0
+    abar_T: float | None = None  # abar at t = T (label end), must be < 1
     order: Literal["every-block", "block-by-block"] = "every-block"
     steps_per_block: int = 469  # block-by-block only: one MNIST epoch at batch 128
+    sampler: Literal["ancestral", "mean"] = "ancestral"  # inference chain; mean drops its noise
+    # loop: one block's forward and backward at a time (holds one block's activations);
+    # stacked: all blocks as one vmapped computation (fewer, larger kernels; holds all).
+    blocks: Literal["loop", "stacked"] = "loop"
 
     def validate(self) -> None:
         super().validate()
@@ -154,6 +165,10 @@ class NoPropDTConfig(NoisedLabelConfig):
             raise ConfigError(f"eta must be > 0, got {self.eta}")
         if self.log_snr_max <= 0:
             raise ConfigError(f"log_snr_max must be > 0, got {self.log_snr_max}")
+        low, high = schedule_ends(self)
+        if not 0.0 <= low < high < 1.0:
+            raise ConfigError(f"the schedule needs 0 <= abar_0 < abar_T < 1, got abar_0={low:g}, "
+                              f"abar_T={high:g}")
         if self.steps_per_block < 1:
             raise ConfigError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
 
@@ -176,15 +191,31 @@ class BackpropBlocksConfig(EmbeddingConfig):
 # --- schedule and closed forms -----------------------------------------------------------------
 
 
-def cosine_schedule(T: int, log_snr_max: float = 4.0) -> Tensor:
+def schedule_ends(config: NoPropDTConfig) -> tuple[float, float]:
+    """(abar_0, abar_T): the set ends, else sigmoid(-/+ log_snr_max)."""
+    low = 1 / (1 + math.exp(config.log_snr_max)) if config.abar_0 is None else config.abar_0
+    high = 1 / (1 + math.exp(-config.log_snr_max)) if config.abar_T is None else config.abar_T
+    return low, high
+
+
+def cosine_schedule(T: int, log_snr_max: float = 4.0, abar_0: float | None = None,
+                    abar_T: float | None = None) -> Tensor:
     """abar_0..abar_T (float64), increasing: z_0 is nearly noise, z_T nearly the label.
 
-    abar = cos^2(pi tau / 2), so log SNR = -2 log tan(pi tau / 2); tau runs evenly from the
-    point where log SNR = -log_snr_max (t = 0) to where it is +log_snr_max (t = T).
+    abar = cos^2(pi tau / 2); tau runs evenly from the point where abar = abar_0 (t = 0) to
+    where abar = abar_T (t = T). The ends default to log SNR = -/+ log_snr_max, i.e.
+    abar = sigmoid(-/+ log_snr_max); either can be set on its own (abar_0 = 0 is pure noise).
     """
+    # tau where log SNR = -log_snr_max is 1 - tau_low, where it is +log_snr_max, tau_low
     tau_low = 2 / math.pi * math.atan(math.exp(-log_snr_max / 2))
-    tau = (1 - tau_low) - (1 - 2 * tau_low) * torch.arange(T + 1, dtype=torch.float64) / T
-    return torch.cos(0.5 * math.pi * tau) ** 2
+    tau_0 = 1 - tau_low if abar_0 is None else 2 / math.pi * math.acos(math.sqrt(abar_0))
+    tau_T = tau_low if abar_T is None else 2 / math.pi * math.acos(math.sqrt(abar_T))
+    span = 1 - 2 * tau_low if abar_0 is None and abar_T is None else tau_0 - tau_T
+    abar = torch.cos(0.5 * math.pi * (tau_0 - span * torch.arange(T + 1, dtype=torch.float64) / T))
+    abar = abar**2
+    if abar_0 == 0:
+        abar[0] = 0.0  # cos(pi / 2)^2 is 4e-33 in floating point, not 0
+    return abar
 
 
 def snr(abar: Tensor) -> Tensor:
@@ -253,12 +284,13 @@ def make_classifier(embed: LabelEmbedding, init: str) -> nn.Linear:
 class LabelEmbedding(nn.Module):
     """W_embed (classes x d); `weight` is a parameter unless the embedding is one-hot."""
 
-    def __init__(self, kind: EmbeddingKind, init: EmbeddingInit, dim: int, task: Task) -> None:
+    def __init__(self, kind: EmbeddingKind, init: EmbeddingInit, dim: int, task: Task,
+                 scale: float = 1.0) -> None:
         super().__init__()
         m = task.num_classes
         self.kind = kind
         if kind == "one-hot":
-            self.register_buffer("weight", torch.eye(m))
+            self.register_buffer("weight", scale * torch.eye(m))
             return
         d = math.prod(task.input_shape) if kind == "prototype" else dim
         if init == "auto":
@@ -273,7 +305,7 @@ class LabelEmbedding(nn.Module):
             weight = nn.init.orthogonal_(torch.empty(m, d), gain=math.sqrt(d))
         else:
             weight = torch.randn(m, d)
-        self.weight = nn.Parameter(weight.to(task.device))
+        self.weight = nn.Parameter(scale * weight.to(task.device))
 
     @property
     def dim(self) -> int:
@@ -342,9 +374,11 @@ class _DTShaped(Method):
     backprop baseline share, so that the two differ only in how they learn."""
 
     family = "noprop"
+    samples_at_inference = True  # the chain starts from z_0 ~ N(0, I)
 
     def _build(self, task: Task, config: EmbeddingConfig, T: int) -> None:
-        embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task)
+        embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task,
+                               config.embed_scale)
         self.model = nn.ModuleDict({
             "embed": embed,
             "blocks": nn.ModuleList(DTBlock(task, embed, config.dropout) for _ in range(T)),
@@ -353,8 +387,9 @@ class _DTShaped(Method):
 
     def _make_optimizer(self) -> None:
         self.optimizers = {
-            "adamw": torch.optim.AdamW(
-                self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            "adamw": self.make_optimizer(
+                torch.optim.AdamW, self.model.parameters(), lr=self.config.lr,
+                weight_decay=self.config.weight_decay,
             )
         }
 
@@ -378,14 +413,14 @@ class NoPropDT(_DTShaped):
     def __init__(self, task: Task, config: NoPropDTConfig) -> None:
         super().__init__(task, config)
         self._build(task, config, config.T)
-        abar = cosine_schedule(config.T, config.log_snr_max)
+        abar = cosine_schedule(config.T, config.log_snr_max, *schedule_ends(config))
         a, b, c = reverse_step_coefficients(abar[:-1], abar[1:])
         as_f32 = lambda v: v.to(torch.float32).to(self.device)  # noqa: E731
         self.abar = as_f32(abar)
         # Block t's L2 weight T eta / 2 (SNR(t) - SNR(t-1)), index t - 1.
         self.l2_weight = as_f32(config.T * config.eta / 2 * snr(abar).diff())
         self.step_a, self.step_b, self.step_c_sqrt = as_f32(a), as_f32(b), as_f32(c.sqrt())
-        self.steps_done = 0  # picks the block in block-by-block order; saved with the state
+        self.steps_done = 0  # block-by-block steps taken: picks the block; saved with the state
         self._make_optimizer()
 
     # --- the loss, in pieces that the efficient step and the tests share ----------------------
@@ -412,6 +447,44 @@ class NoPropDT(_DTShaped):
         ce, kl = self.shared_loss(z[-1], u, y)
         return ce + kl + self.denoise_loss(t, x, z[t - 1], u)
 
+    def stacked_denoise_losses(self, x: Tensor, z_leaf: Tensor, u_leaf: Tensor,
+                               blocks: Sequence[int]) -> Tensor:
+        """The L2 terms of `blocks` in one computation (`blocks=stacked`): their parameters
+        stacked along a new leading dimension and one block's forward vmapped over it, so each
+        layer is one batched kernel (a grouped convolution, a batched matrix product) instead
+        of one per block. The sum of these terms has exactly the loop's gradients, since no
+        term depends on another block's parameters; BatchNorm statistics are per block as
+        before, and dropout masks are drawn independently per block. The price is memory: all
+        blocks' activations are held for backward at once, as in end-to-end backprop."""
+        modules = [self.model["blocks"][t - 1] for t in blocks]
+        params = {name: torch.stack([dict(m.named_parameters())[name] for m in modules])
+                  for name, _ in modules[0].named_parameters()}
+        buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in modules])
+                   for name, _ in modules[0].named_buffers()}
+        template = self._block_template
+
+        def one_block(p: dict[str, Tensor], b: dict[str, Tensor], z: Tensor) -> Tensor:
+            return functional_call(template, {**p, **b}, (x, z))
+
+        first, last = blocks[0], blocks[-1]
+        if list(blocks) != list(range(first, last + 1)):
+            raise ValueError(f"stacked blocks must be consecutive, got {list(blocks)}")
+        # Slices with host integers, not an index tensor: building one would copy from the host.
+        logits = vmap(one_block, randomness="different")(params, buffers, z_leaf[first - 1:last])
+        uhat = logits.softmax(-1) @ self.model["embed"].weight
+        err = (uhat - u_leaf).pow(2).sum(-1).mean(-1)
+        for name, stacked in buffers.items():  # BatchNorm's running statistics, back per block
+            torch._foreach_copy_([dict(m.named_buffers())[name] for m in modules],
+                                 list(stacked.unbind()))
+        return self.l2_weight[first - 1:last] * err
+
+    @property
+    def _block_template(self) -> nn.Module:
+        """A parameterless (meta-device) copy of one block for `functional_call`."""
+        if not hasattr(self, "_template"):
+            self._template = copy.deepcopy(self.model["blocks"][0]).to("meta")
+        return self._template
+
     def backward_blocks(self, x: Tensor, y: Tensor, blocks: Sequence[int]) -> dict[str, Tensor]:
         """Accumulate the gradients of sum_{t in blocks} L_t, one block's graph at a time.
 
@@ -426,11 +499,16 @@ class NoPropDT(_DTShaped):
         z = self.noisy_labels(u if through_z else u.detach())
         z_leaf = z.detach().requires_grad_(through_z)
         u_leaf = u.detach().requires_grad_(embed.learned)
-        denoise = []
-        for t in blocks:
-            loss = self.denoise_loss(t, x, z_leaf[t - 1], u_leaf)
-            loss.backward()
-            denoise.append(loss.detach())
+        if self.config.blocks == "stacked" and len(blocks) > 1:
+            losses = self.stacked_denoise_losses(x, z_leaf, u_leaf, blocks)
+            losses.sum().backward()
+            denoise = list(losses.detach().unbind())
+        else:
+            denoise = []
+            for t in blocks:
+                loss = self.denoise_loss(t, x, z_leaf[t - 1], u_leaf)
+                loss.backward()
+                denoise.append(loss.detach())
         ce, kl = self.shared_loss(z[-1], u, y)
         roots, grads = [len(blocks) * (ce + kl)], [None]
         if through_z:
@@ -459,18 +537,26 @@ class NoPropDT(_DTShaped):
         opt.zero_grad(set_to_none=True)
         stats = self.backward_blocks(x, y, blocks)
         opt.step()
-        self.steps_done += 1
+        if config.order == "block-by-block":
+            self.steps_done += 1
         return stats
+
+    def capturable(self) -> bool:
+        """Every-block steps launch the same kernels every time; block-by-block steps pick
+        their block from a host-side counter, so they run eagerly."""
+        return self.config.order == "every-block"
 
     @torch.no_grad()
     def sample_last(self, x: Tensor) -> Tensor:
-        """Inference chain: z_0 ~ N(0, I), then z_t ~ p(z_t | z_{t-1}, x) for t = 1..T."""
+        """Inference chain: z_0 ~ N(0, I), then z_t ~ p(z_t | z_{t-1}, x) for t = 1..T
+        (`sampler=mean`: z_t = the mean of that step, no noise after z_0)."""
         weight = self.model["embed"].weight
         z = torch.randn(len(x), weight.shape[1], device=x.device)
         for t in range(1, self.config.T + 1):
             uhat = self._uhat(t, x, z)
-            noise = torch.randn_like(z)
-            z = self.step_a[t - 1] * uhat + self.step_b[t - 1] * z + self.step_c_sqrt[t - 1] * noise
+            z = self.step_a[t - 1] * uhat + self.step_b[t - 1] * z
+            if self.config.sampler == "ancestral":
+                z = z + self.step_c_sqrt[t - 1] * torch.randn_like(z)
         return z
 
     @torch.no_grad()
@@ -515,6 +601,9 @@ class BackpropBlocks(_DTShaped):
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         return cross_entropy_step(self.forward(x), y, self.optimizers["adamw"])
+
+    def capturable(self) -> bool:
+        return True
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

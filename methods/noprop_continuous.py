@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,8 @@ class NoPropCTConfig(ContinuousConfig):
     gamma0_init: float = -4.0  # gamma at t = 1: abar(1) = sigmoid(4) = 0.982
     gamma1_init: float = 4.0  # gamma at t = 0: abar(0) = sigmoid(-4) = 0.018
     schedule_width: int = 64  # hidden units of the monotone network gbar
+    schedule_weight_decay: bool = True  # whether weight decay also pulls the schedule's parameters
+    sampler: Literal["ancestral", "mean"] = "ancestral"  # inference chain; mean drops its noise
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +97,7 @@ class NoPropCTConfig(ContinuousConfig):
 @dataclass
 class NoPropFMConfig(ContinuousConfig):
     sigma: float = 0.0  # standard deviation of z_t around the straight path
+    sampler: Literal["euler", "heun"] = "euler"  # ODE solver at inference
 
     def validate(self) -> None:
         super().validate()
@@ -179,10 +183,12 @@ class _Continuous(Method):
     add their own parts, then call `_finish`."""
 
     family = "noprop"
+    samples_at_inference = True  # the chain or the ODE starts from z_0 ~ N(0, I)
 
     def __init__(self, task: Task, config: ContinuousConfig) -> None:
         super().__init__(task, config)
-        embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task)
+        embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task,
+                               config.embed_scale)
         self.model = nn.ModuleDict({
             "embed": embed,
             "net": ContinuousNet(task, embed, config.dropout),
@@ -191,11 +197,19 @@ class _Continuous(Method):
     def _finish(self) -> None:
         """Move the complete model to the device and build its optimiser."""
         self.model.to(self.device, memory_format=torch.channels_last)  # faster conv and pooling
+        groups: list[dict] = [{"params": list(self.model.parameters())}]
+        if "schedule" in self.model and not self.config.schedule_weight_decay:
+            free = {id(p) for p in self.model["schedule"].parameters()}
+            groups = [{"params": [p for p in self.model.parameters() if id(p) not in free]},
+                      {"params": list(self.model["schedule"].parameters()), "weight_decay": 0.0}]
         self.optimizers = {
-            "adam": torch.optim.Adam(
-                self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+            "adam": self.make_optimizer(
+                torch.optim.Adam, groups, lr=self.config.lr, weight_decay=self.config.weight_decay,
             )
         }
+
+    def capturable(self) -> bool:
+        return True
 
     def _noise_source(self, u: Tensor) -> Tensor:
         """u_y as it enters the noisy labels: detached unless W_embed learns through z."""
@@ -244,7 +258,10 @@ class NoPropCT(_Continuous):
         kl = kl_to_standard_normal(u, abar0)
         loss = ce + kl + denoise
         self._step(loss)
-        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(), "denoise": denoise.detach()}
+        gamma0 = schedule.gamma0.detach()
+        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
+                "denoise": denoise.detach(), "gamma0": gamma0.clone(),
+                "gamma1": (gamma0 + F.softplus(schedule.gap.detach()))}
 
     @torch.no_grad()
     def sample_last(self, x: Tensor) -> Tensor:
@@ -259,7 +276,9 @@ class NoPropCT(_Continuous):
         z = torch.randn(len(x), embed.dim, device=x.device)
         for k in range(steps):
             uhat = predicted_embedding(net(features, z, grid[k].expand(len(x))), embed.weight)
-            z = a[k] * uhat + b[k] * z + c_sqrt[k] * torch.randn_like(z)
+            z = a[k] * uhat + b[k] * z
+            if self.config.sampler == "ancestral":
+                z = z + c_sqrt[k] * torch.randn_like(z)
         return z
 
     @torch.no_grad()
@@ -309,12 +328,17 @@ class NoPropFM(_Continuous):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Euler steps of dz/dt = v from z_0 ~ N(0, I); scores are -||z_1 - u_c||^2."""
+        """`inference_steps` Euler (or Heun: two velocity evaluations per step) steps of
+        dz/dt = v from z_0 ~ N(0, I); scores are -||z_1 - u_c||^2."""
         weight = self.model["embed"].weight
         steps = self.config.inference_steps
         features = self.model["net"].image(x)
         z = torch.randn(len(x), weight.shape[1], device=x.device)
         for k in range(steps):
             t = torch.full((len(x),), k / steps, device=x.device)
-            z = z + self.velocity(features, z, t) / steps
+            v = self.velocity(features, z, t)
+            if self.config.sampler == "heun":  # trapezoid of the slopes at both ends
+                v_end = self.velocity(features, z + v / steps, t + 1 / steps)
+                v = (v + v_end) / 2
+            z = z + v / steps
         return -torch.cdist(z, weight).pow(2)

@@ -14,6 +14,8 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": 
 os.environ.update(RAY_ENV)
 
 METHODS = list(all_methods())
+# A custom Ray resource standing in for one GPU, so GPU sharing is tested on CPU machines.
+FAKE_GPU = "fake_gpu"
 
 
 def make_method(name: str, seed: int = 0, shape=(1, 16, 16), num_classes: int = 4, **overrides) -> Method:
@@ -37,11 +39,11 @@ def ray_cluster():
 
     `address="local"` never joins a cluster someone else started on this machine; usage
     statistics and the dashboard are off, and it talks over 127.0.0.1 only (RAY_ENV, set
-    before anything imports ray), so nothing reaches the network.
+    before anything imports ray), so nothing reaches the network. It holds one `FAKE_GPU`.
     """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=2, resources={FAKE_GPU: 1}, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -39,6 +39,54 @@ def test_run_writes_records_summary_meta_and_report(tmp_path, capsys):
     assert '"arch": "mlp"' in summary.loc[0, "config"]
 
 
+def test_inference_runs_are_averaged_and_evaluate_reproduces_them(tmp_path, capsys):
+    """A sampling method's test accuracy is the mean of --inference-runs passes, with its
+    standard error; the passes never change what is learned; `bpfree evaluate` on the saved
+    model reproduces the recorded number and adds rows for other inference settings."""
+    runs = {}
+    for n in (1, 3):
+        out = tmp_path / f"runs{n}"
+        args = ["run", "--methods", "noprop-dt,backprop", "--dataset", "synthetic", "--epochs", "1",
+                "--set", "preset=quick", "arch=mlp", "--out", str(out), "--device", "cpu",
+                "--inference-runs", str(n), "--save-model"]
+        assert main(args) == 0
+        runs[n] = pd.read_csv(out / "records.csv").set_index(["method", "epoch"])
+    one, three = runs[1], runs[3]
+    pd.testing.assert_series_equal(one["train_loss"], three["train_loss"])  # same training
+    assert three.loc["noprop-dt", "inference_runs"].tolist() == [3]
+    assert three.loc["backprop", "inference_runs"].tolist() == [1]  # predict does not sample
+    assert three.loc["noprop-dt", "test_acc_se"].notna().all()
+    assert one["test_acc_se"].isna().all() and three.loc["backprop", "test_acc_se"].isna().all()
+    assert (three["eval_time_s"] > 0).all()
+    capsys.readouterr()
+
+    out = tmp_path / "runs3"
+    assert main(["evaluate", str(out), "--inference-runs", "3", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(out), "--inference-runs", "3", "--device", "cpu",
+                 "--set", "sampler=ancestral,mean"]) == 0
+    rows = pd.read_csv(out / "evaluations.csv")
+    recorded = three["test_acc"].xs(1, level="epoch")
+    as_trained = rows.iloc[:2].set_index("method")["test_acc"]
+    assert as_trained["noprop-dt"] == pytest.approx(recorded["noprop-dt"], abs=1e-12)
+    assert as_trained["backprop"] == pytest.approx(recorded["backprop"], abs=1e-12)
+    assert len(rows) == 2 + 3  # backprop has no sampler: measured once
+    dt = rows[rows["method"] == "noprop-dt"].iloc[1:]
+    assert sorted(dt["sampler"]) == ["ancestral", "mean"]
+    assert dt.set_index("sampler").loc["ancestral", "test_acc"] == pytest.approx(
+        recorded["noprop-dt"], abs=1e-12)
+
+
+def test_evaluate_refuses_training_settings_and_unsaved_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--methods", "backprop", "--dataset", "synthetic", "--epochs", "1",
+                 "--set", "arch=mlp", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert "train with `bpfree run --save-model`" in capsys.readouterr().err
+    assert main(["evaluate", str(out), "--set", "lr=1"]) == 2
+    assert "only inference settings can change after training" in capsys.readouterr().err
+
+
 def test_cost_measures_every_method_and_input(tmp_path, capsys):
     """`bpfree cost` rows carry the harness's deterministic FLOPs and bytes for that shape,
     and a timing that is positive and ordered (min <= median <= max)."""
@@ -66,7 +114,11 @@ def test_cost_measures_every_method_and_input(tmp_path, capsys):
         (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["run", "--methods", "backprop", "--set", "nokey=1"], "no selected method has a hyperparameter 'nokey'"),
         (["run", "--methods", "backprop", "--set", "lr=abc"], "lr='abc' is not a valid float"),
-        (["run", "--methods", "backprop", "--set", "lr=-1"], "lr must be > 0"),
+        (["run", "--methods", "backprop", "--set", "lr=-1"], "lr must be a finite number > 0"),
+        (["run", "--methods", "backprop", "--set", "lr=nan"], "lr must be a finite number > 0"),
+        (["run", "--methods", "backprop", "--set", "lr=inf"], "lr must be a finite number > 0"),
+        (["run", "--methods", "backprop", "--inference-runs", "0"], "--inference-runs must be >= 1"),
+        (["evaluate", "{tmp}"], "is not a bpfree run folder"),
         (["run", "--methods", "backprop", "--set", "preset=nope"], "unknown preset 'nope'"),
         (["run", "--methods", "backprop", "--seeds", "a,b"], "--seeds"),
         (["run", "--methods", "backprop", "--dataset", "mnist"], "needs --data-dir"),

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from benchmarks.measure import count_flops, saved_tensor_bytes
-from methods import Task
+from methods import ConfigError, Task
 from methods.noprop import (
     DTBlock,
     LabelEmbedding,
@@ -48,6 +48,94 @@ def test_cosine_schedule_runs_from_noise_to_label_with_positive_weights(T):
     assert (abar.diff() > 0).all(), "abar must increase with t (z_0 noise, z_T label)"
     assert 0 < abar[0] < 0.05 and 0.95 < abar[-1] < 1
     assert (snr(abar).diff() > 0).all(), "every L2 weight SNR(t) - SNR(t-1) must be positive"
+
+
+@pytest.mark.parametrize("abar_0, abar_T", [(0.0, None), (1e-4, None), (None, 0.99), (0.0, 0.9)])
+def test_schedule_ends_are_independent_knobs(abar_0, abar_T):
+    """Each end can be set alone; the other stays at sigmoid(-/+ log_snr_max)."""
+    default = cosine_schedule(10)
+    abar = cosine_schedule(10, 4.0, abar_0, abar_T)
+    assert float(abar[0]) == pytest.approx(float(default[0]) if abar_0 is None else abar_0, rel=1e-9)
+    assert float(abar[-1]) == pytest.approx(float(default[-1]) if abar_T is None else abar_T, rel=1e-12)
+    assert (abar.diff() > 0).all() and (snr(abar).diff() > 0).all()
+
+
+def test_pure_noise_start_has_no_kl_and_a_noise_free_first_reverse_step():
+    """abar_0 = 0: q(z_0 | y) is the prior, so the KL term is exactly 0 whatever u_y, and the
+    first reverse step ignores z_0 (b_1 = 0)."""
+    method = make_method("noprop-dt", T=4, abar_0=0.0)
+    u = 5 * torch.randn(8, 4)
+    assert kl_to_standard_normal(u, method.abar[0]) == 0
+    assert method.step_b[0] == 0
+    assert method.l2_weight[0] > 0
+
+
+def test_schedule_ends_are_validated():
+    with pytest.raises(ConfigError, match="0 <= abar_0 < abar_T < 1"):
+        make_method("noprop-dt", abar_0=0.5, abar_T=0.4)
+    with pytest.raises(ConfigError, match="0 <= abar_0 < abar_T < 1"):
+        make_method("noprop-dt", abar_T=1.0)
+    assert make_method("noprop-dt", abar_0="none").config.abar_0 is None  # as typed on a CLI
+
+
+@pytest.mark.parametrize("name", ["noprop-dt", "noprop-ct"])
+def test_mean_sampler_draws_no_noise_after_z0(name, monkeypatch):
+    """`sampler=mean` runs the reverse chain on its means: the only random draw of a
+    prediction is z_0, so fixing z_0 fixes the prediction."""
+    method = make_method(name, sampler="mean")
+    method.eval()
+    x, _ = minibatch(8)
+    calls = []
+    original = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    first = method.predict(x)
+    assert not calls
+    torch.manual_seed(0)
+    assert torch.equal(first, method.predict(x))
+    ancestral = make_method(name, sampler="ancestral")
+    ancestral.load_state_dict(method.state_dict())
+    ancestral.eval()
+    torch.manual_seed(0)
+    ancestral.predict(x)
+    assert calls, "the ancestral chain draws noise at every step"
+
+
+def test_fm_heun_is_exact_where_euler_is_not():
+    """On a velocity field linear in t, Heun's trapezoid integrates exactly in one step while
+    Euler does not: the solver option really changes the integrator."""
+    method = make_method("noprop-fm", inference_steps=1)
+    method.eval()
+    weight = method.model["embed"].weight
+    method.velocity = lambda features, z, t: t[:, None].expand_as(z)  # dz/dt = t
+    x, _ = minibatch(4)
+    torch.manual_seed(0)
+    z0 = torch.randn(4, weight.shape[1])
+    for sampler, expected in (("euler", z0), ("heun", z0 + 0.5)):
+        method.config.sampler = sampler
+        torch.manual_seed(0)
+        scores = method.predict(x)
+        assert torch.allclose(scores, -torch.cdist(expected, weight).pow(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("embedding", ["one-hot", "prototype", "learned"])
+def test_embed_scale_multiplies_the_initial_embedding(embedding):
+    plain = make_method("noprop-dt", embedding=embedding)
+    scaled = make_method("noprop-dt", embedding=embedding, embed_scale=0.25)
+    assert torch.allclose(scaled.model["embed"].weight, 0.25 * plain.model["embed"].weight)
+
+
+def test_ct_can_spare_the_schedule_from_weight_decay():
+    method = make_method("noprop-ct", schedule_weight_decay=False)
+    groups = method.optimizers["adam"].param_groups
+    schedule = {id(p) for p in method.model["schedule"].parameters()}
+    assert [g["weight_decay"] for g in groups] == [method.config.weight_decay, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == schedule
+    assert not schedule & {id(p) for p in groups[0]["params"]}
+    x, y = minibatch()
+    method.train()
+    out = method.train_step(x, y)
+    assert out["gamma1"] > out["gamma0"]  # the learned ends are reported every step
 
 
 def test_dt_loss_weights_are_the_positive_snr_differences():
@@ -311,6 +399,28 @@ def activation_bytes(name: str, T: int) -> tuple[int, int]:
     return saved_tensor_bytes(
         lambda: method.train_step(x, y), exclude=list(method.model.parameters())
     )
+
+
+@pytest.mark.parametrize("embedding", ["one-hot", "prototype"])
+def test_stacked_blocks_give_the_loops_gradients_and_statistics(embedding):
+    """`blocks=stacked` runs the T blocks as one vmapped computation: the same gradient of
+    sum_t L_t as the loop (dropout off, so both draw the same noisy labels) and the same
+    BatchNorm running statistics in every block. Biases followed by BatchNorm have a true
+    gradient of 0, so only float noise to compare: the check is relative to each block's
+    whole gradient."""
+    loop = make_method("noprop-dt", T=3, dropout=0.0, embedding=embedding)
+    stacked = make_method("noprop-dt", T=3, dropout=0.0, embedding=embedding, blocks="stacked")
+    stacked.load_state_dict(loop.state_dict())
+    x, y = minibatch()
+    for method in (loop, stacked):
+        method.train()
+        torch.manual_seed(0)
+        method.backward_blocks(x, y, range(1, 4))
+    for (name, p), q in zip(loop.model.named_parameters(), stacked.model.parameters()):
+        scale = max(g.grad.norm() for g in loop.model.parameters() if g.grad is not None)
+        assert (p.grad - q.grad).norm() <= 1e-4 * scale, name
+    for (name, a), b in zip(loop.model.named_buffers(), stacked.model.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
 
 def test_dt_step_holds_one_blocks_activations_whatever_T():

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 from benchmarks.cli import main
 from benchmarks.sweep import load_sweep, run_sweep
 from methods import ConfigError
+from tests.conftest import FAKE_GPU
 
 SWEEPS = Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps"
 TINY = {"methods": "backprop", "datasets": "synthetic", "seeds": [0, 1], "epochs": 1,
@@ -55,6 +57,36 @@ def test_ray_sweep_gives_the_local_records_and_resume_skips_done_units(tmp_path,
     assert (again.skipped, again.finished, again.failed) == (2, 0, 0)
     assert all(len(h) == 1 for h in attempts(tmp_path / "local").values())
     assert main(["report", str(tmp_path / "ray")]) == 0
+
+
+def intervals(sweep_dir: Path) -> list[tuple[datetime, datetime]]:
+    """(start, end) of every unit's first attempt."""
+    spans = []
+    for history in attempts(sweep_dir).values():
+        first = history[0]
+        spans.append((datetime.fromisoformat(first["started"]),
+                      datetime.fromisoformat(first["finished"])))
+    return spans
+
+
+def overlapping(spans: list[tuple[datetime, datetime]]) -> bool:
+    spans = sorted(spans)
+    return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("units_per_gpu", [1, 2])
+def test_ray_places_units_per_gpu_share(tmp_path, ray_cluster, units_per_gpu):
+    """Each unit asks Ray for 1/units_per_gpu of the cluster's one (stand-in) GPU: two
+    units share it at once, one unit per GPU runs them one after the other."""
+    spec = {**TINY, "units_per_gpu": units_per_gpu, "epochs": 3}
+    sweep = load_sweep(write_sweep(tmp_path / "gpu.toml", spec))
+    result = run_sweep(sweep, tmp_path / "out", "ray", gpu_resource=FAKE_GPU)
+    assert (result.finished, result.failed) == (2, 0)
+    history = attempts(tmp_path / "out")
+    assert [h[0]["gpu_share"] for h in history.values()] == [1 / units_per_gpu] * 2
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["max_parallel"] == units_per_gpu
+    assert overlapping(intervals(tmp_path / "out")) == (units_per_gpu == 2)
 
 
 def kill_after_first_epoch(unit_dir: Path, killed: list[int]) -> None:
@@ -162,3 +194,15 @@ def test_shipped_sweeps_are_valid():
     for path in paths:
         sweep = load_sweep(path)
         assert sweep.description and sweep.units()
+
+
+def test_arrays_of_grid_tables_are_a_union_of_cross_products(tmp_path):
+    """[[grid.M]] tables list conditions (a one-factor-at-a-time ablation); each table is
+    still a cross product of its own axes."""
+    path = tmp_path / "ablation.toml"
+    path.write_text('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+                    '[[grid.backprop]]\narch = "cnn"\n'
+                    '[[grid.backprop]]\narch = "mlp"\nwidth = [16, 32]\n')
+    units = load_sweep(path).units()
+    assert sorted(dict(u.overrides).get("width", "-") + dict(u.overrides)["arch"] for u in units) \
+        == ["-cnn", "16mlp", "32mlp"]
