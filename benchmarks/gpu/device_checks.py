@@ -1,0 +1,201 @@
+"""The device checks of a GPU session, as one script with a time budget.
+
+Run from the repository root on a machine with one CUDA GPU and the canonical MNIST files:
+
+    python3 benchmarks/gpu/device_checks.py --data-dir DIR --out OUT [--budget-s 560]
+
+Phases, each in its own process and bounded by what is left of the budget:
+
+1. `cuda-tests`: the CUDA tests of tests/test_step_modes.py (a recorded graph's steps equal
+   eager steps, per capturable method). A method that fails runs eagerly from then on.
+2. `cost`: `bpfree cost` of the NoProp methods and backprop (CNN), paper presets, batch 128
+   and 1024, eager against graph, with the harness-overhead comparison at batch 128, and
+   NoProp-DT's stacked blocks.
+3. `alone`: one epoch of one NoProp-DT unit alone on the GPU (its time per epoch, for the
+   units-per-hour comparison).
+4. `sweep`: benchmarks/sweeps/noprop-dt-ablation.toml, every unit at once on the one GPU.
+5. `evaluate`: the kept models under other inference settings (samplers, steps).
+6. `report`: `bpfree report` of the sweep.
+
+Everything written goes under OUT/work, and OUT/results.tar.gz is refreshed after every phase,
+so that a run stopped at its time limit still returns what it measured. A log of every phase
+(command, seconds, exit code, output tail) is OUT/work/phases.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTURABLE = ["backprop", "backprop-blocks", "noprop-dt", "noprop-ct", "noprop-fm", "fg-w",
+              "fg-a", "lg-fg-a"]
+COST_METHODS = ["noprop-dt", "backprop-blocks", "noprop-ct", "noprop-fm", "backprop"]
+SWEEP = REPO / "benchmarks" / "sweeps" / "noprop-dt-ablation.toml"
+
+
+class Phases:
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.work = out, out / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.monotonic() + budget_s
+        self.log: list[dict] = []
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, name: str, cmd: list[str], limit_s: float, env: dict | None = None) -> int:
+        limit = min(limit_s, self.left() - 15)
+        if limit < 10:
+            self.log.append({"phase": name, "skipped": "no time left"})
+            self.save()
+            return -1
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)} (limit {limit:.0f}s)",
+              flush=True)
+        start = time.monotonic()
+        logfile = self.work / f"{name}.log"
+        with open(logfile, "w") as sink:
+            # A session of its own, so that a timeout ends the command's workers too.
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            try:
+                code = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                code = 124
+        output = logfile.read_text(errors="replace")
+        seconds = time.monotonic() - start
+        self.log.append({"phase": name, "cmd": cmd, "seconds": round(seconds, 1), "code": code,
+                         "tail": output[-1500:]})
+        print(f"    -> exit {code} in {seconds:.0f}s", flush=True)
+        self.save()
+        return code
+
+    def save(self) -> None:
+        (self.work / "phases.json").write_text(json.dumps(self.log, indent=1))
+        tmp = self.out / ".results.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(self.work, arcname="work",
+                    filter=lambda info: None if info.name.endswith((".pt", ".tmp")) else info)
+        tmp.replace(self.out / "results.tar.gz")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.cli", *args]
+
+
+def graph_failures(log: str) -> set[str]:
+    """Methods whose CUDA graph test did not pass, from pytest's -rA summary lines."""
+    test = "tests/test_step_modes.py::test_graph_steps_equal_eager_steps_on_cuda"
+    return {m for m in CAPTURABLE if f"PASSED {test}[{m}]" not in log}
+
+
+def toml_value(value: object) -> str:
+    return json.dumps(value)
+
+
+def sweep_file(path: Path, eager: set[str]) -> Path:
+    """The ablation sweep, with `step = "eager"` added for methods whose graph failed."""
+    raw = tomllib.loads(SWEEP.read_text())
+    grid = raw.pop("grid", {})
+    lines = [f"{k} = {toml_value(v)}" for k, v in raw.items()]
+    for method in raw["methods"]:
+        tables = grid.get(method, [{}])
+        for table in tables if isinstance(tables, list) else [tables]:
+            lines.append(f"[[grid.{method}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+            if method in eager:
+                lines.append('step = "eager"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budget-s", type=float, default=560)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script")
+    args = parser.parse_args()
+    out = Path(args.out)
+    phases = Phases(out, args.budget_s)
+    work = phases.work
+    data = str(Path(args.data_dir).resolve())
+
+    phases.run("env", ["bash", "-c", "nvidia-smi; python3 -c 'import torch, sys; "
+                       "print(sys.version, torch.__version__, torch.version.cuda)'; "
+                       "git rev-parse HEAD; git status --porcelain | head; nproc"], 30)
+
+    phases.run("cuda-tests", [sys.executable, "-m", "pytest", "tests/test_step_modes.py", "-k",
+                              "cuda", "-q", "-rA", "-p", "no:cacheprovider",
+                              "--benchmark-disable"], 120)
+    log = (work / "cuda-tests.log").read_text() if (work / "cuda-tests.log").exists() else ""
+    eager = graph_failures(log)
+    (work / "eager_fallback.json").write_text(json.dumps(sorted(eager)))
+
+    graphed = [m for m in COST_METHODS if m not in eager]
+    common = ["--input", "mnist", "--repeats", "10", "--device", args.device]
+    base_sets = ["preset=paper", "inference_steps=10"]  # 10: cheap predict-FLOP counting
+    for batch in (128, 1024):
+        for mode in ("eager", "graph"):
+            methods = COST_METHODS if mode == "eager" else graphed
+            if not methods:
+                continue
+            overhead = ["--overhead-steps", "50"] if batch == 128 else []
+            phases.run(f"cost-b{batch}-{mode}",
+                       cli("cost", "--methods", ",".join(methods), "--batch-size", str(batch),
+                           *common, *overhead, "--set", *base_sets, f"step={mode}",
+                           "--out", str(work / f"cost-b{batch}-{mode}.csv")), 150)
+        if "noprop-dt" not in eager:
+            phases.run(f"cost-b{batch}-dt-stacked",
+                       cli("cost", "--methods", "noprop-dt", "--batch-size", str(batch), *common,
+                           "--set", "preset=paper", "step=graph", "blocks=stacked",
+                           "--out", str(work / f"cost-b{batch}-dt-stacked.csv")), 60)
+    if "noprop-dt" not in eager:
+        phases.run("cost-b128-dt-prototype",
+                   cli("cost", "--methods", "noprop-dt,backprop-blocks", "--batch-size", "128",
+                       *common, "--overhead-steps", "50", "--set", "preset=paper",
+                       "embedding=prototype", "step=graph",
+                       "--out", str(work / "cost-b128-prototype-graph.csv")), 90)
+
+    phases.run("alone", cli("run", "--methods", "noprop-dt", "--dataset", "mnist", "--data-dir",
+                            data, "--epochs", "1", "--val-fraction", "0.1", "--device", args.device,
+                            "--set", "preset=paper", "embedding=prototype",
+                            *(["step=eager"] if "noprop-dt" in eager else []),
+                            "--out", str(work / "alone")), 90)
+
+    sweep = sweep_file(work / "ablation.toml", eager)
+    sweep_dir = work / "ablation"
+    phases.run("sweep", cli("sweep", str(sweep), "--data-dir", data, "--units-per-gpu", "12",
+                            "--max-parallel", "12", "--out", str(sweep_dir)), phases.left() - 75)
+
+    evaluations = [("noprop-dt", ["sampler=ancestral,mean"]),
+                   ("noprop-ct", ["inference_steps=10,100,1000", "sampler=ancestral,mean"]),
+                   ("noprop-fm", ["inference_steps=10,100,1000", "sampler=euler,heun"])]
+    for method, sets in evaluations:
+        phases.run(f"evaluate-{method}",
+                   cli("evaluate", str(sweep_dir), "--data-dir", data, "--inference-runs", "3",
+                       "--device", args.device, "--methods", method, "--set", *sets), 40)
+    phases.run("report", cli("report", str(sweep_dir), str(work / "alone"),
+                             "--out", str(work / "report")), 30)
+    phases.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
