@@ -149,14 +149,14 @@ def main() -> int:
     (work / "eager_fallback.json").write_text(json.dumps(sorted(eager)))
 
     graphed = [m for m in COST_METHODS if m not in eager]
-    common = ["--input", "mnist", "--repeats", "10", "--device", args.device]
+    common = ["--input", "mnist", "--repeats", "5", "--device", args.device]
     base_sets = ["preset=paper", "inference_steps=10"]  # 10: cheap predict-FLOP counting
     for batch in (128, 1024):
         for mode in ("eager", "graph"):
             methods = COST_METHODS if mode == "eager" else graphed
             if not methods:
                 continue
-            overhead = ["--overhead-steps", "50"] if batch == 128 else []
+            overhead = ["--overhead-steps", "30"] if batch == 128 else []
             phases.run(f"cost-b{batch}-{mode}",
                        cli("cost", "--methods", ",".join(methods), "--batch-size", str(batch),
                            *common, *overhead, "--set", *base_sets, f"step={mode}",
@@ -169,7 +169,7 @@ def main() -> int:
     if "noprop-dt" not in eager:
         phases.run("cost-b128-dt-prototype",
                    cli("cost", "--methods", "noprop-dt,backprop-blocks", "--batch-size", "128",
-                       *common, "--overhead-steps", "50", "--set", "preset=paper",
+                       *common, "--overhead-steps", "30", "--set", "preset=paper",
                        "embedding=prototype", "step=graph",
                        "--out", str(work / "cost-b128-prototype-graph.csv")), 90)
 
