@@ -202,6 +202,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
     if args.data_dir:
         sweep = replace(sweep, data_dir=args.data_dir)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+        sweep = replace(sweep, epochs=(args.epochs,))
     if args.units_per_gpu is not None:
         if args.units_per_gpu < 1:
             raise ConfigError(f"--units-per-gpu must be >= 1, got {args.units_per_gpu}")
@@ -341,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: start a private local one")
     sweep.add_argument("--max-parallel", type=int,
                        help="units at once (default: 1 locally, what the cluster fits on Ray)")
+    sweep.add_argument("--epochs", type=int,
+                       help="every unit's epoch budget, in place of the file's epochs")
     sweep.add_argument("--units-per-gpu", type=int,
                        help="units sharing one GPU at once (default: the file's, or 1); on Ray "
                             "each asks for 1/N of a GPU, locally N workers per GPU")
