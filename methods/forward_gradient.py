@@ -32,7 +32,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from methods.base import ConfigError, HParams, Method, Task
-from methods.nets import MLP, build_net
+from methods.nets import build_net, flat_steps
 
 
 @dataclass
@@ -189,16 +189,6 @@ class WeightPerturbedFG(_ForwardGradient):
 SITES = (nn.Linear, nn.Conv2d, _BatchNorm)  # layers whose outputs are perturbed, and that learn
 
 
-def _flat_steps(net: nn.Module) -> list[nn.Module]:
-    """The shared classifier as one list of modules in forward order (see `methods.nets`)."""
-    if isinstance(net, MLP):
-        steps: list[nn.Module] = [nn.Flatten()]
-        for i, layer in enumerate(net.layers):
-            steps += [layer, nn.ReLU()] if i < len(net.layers) - 1 else [layer]
-        return steps
-    return [*net.features.layers, *net.head]
-
-
 @torch.no_grad()
 def _output_shapes(
     steps: list[nn.Module], input_shape: tuple[int, ...], device: torch.device
@@ -337,7 +327,7 @@ class _ActivityPerturbedFG(_ForwardGradient):
 
     def _build_model(self, task: Task) -> nn.Module:
         """Cut the net into blocks; the auxiliary heads are trained too, so they join the model."""
-        steps = _flat_steps(self.net)
+        steps = flat_steps(self.net)
         weights = [i for i, s in enumerate(steps) if isinstance(s, (nn.Linear, nn.Conv2d))]
         # One weight layer per block, except that the last hidden layer and the output layer
         # share the last block, whose loss is the network's own.
