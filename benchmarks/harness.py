@@ -8,7 +8,9 @@ Timing rules (written down because they decide what the numbers mean):
 - warm-up steps run on a *copy* of the method and the RNG state is restored afterwards, so
   warm-up affects neither the timing nor what is learned;
 - the device is synchronised before every clock read;
-- evaluation is outside the timed region; `epoch_time_s` is training only.
+- evaluation is outside the timed region; `epoch_time_s` is training only;
+- so are a method's `diagnostics` (after each epoch's evaluation, on one fixed training batch,
+  with the RNG state restored afterwards; their cost is recorded as `diag_time_s`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from methods import HParams, Method, Task, get_method
 
 TRAIN_SAMPLE = 2000  # training examples shown to data-dependent initialisers
 TRAIN_EVAL = 10000  # training examples on which train accuracy is measured each epoch
+DIAG_BATCH = 256  # training examples of the fixed batch a method's diagnostics are computed on
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,27 @@ def is_finite(value: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
+def method_diagnostics(
+    method: Method, x: Tensor, y: Tensor, device: torch.device
+) -> dict[str, float]:
+    """The method's `diagnostics` on one batch as record columns `diag_<key>`, plus their cost
+    `diag_time_s`; nothing for a method that has none.
+
+    The RNG state is restored afterwards. The method itself guarantees that its state does not
+    change (tests/test_feedback_alignment.py checks every method that has diagnostics), so it is
+    not copied: a copy would double the memory of a large model on a GPU.
+    """
+    measure.synchronize(device)
+    start = time.perf_counter()
+    with preserved_rng(device):
+        values = method.diagnostics(x, y)
+    measure.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not values:
+        return {}
+    return {**{f"diag_{key}": float(v) for key, v in values.items()}, "diag_time_s": seconds}
+
+
 @dataclass
 class UnitResult:
     records: pd.DataFrame
@@ -209,10 +233,12 @@ def run_unit(
         device=device,
         seed=unit.seed,
         train_sample=(train_x[sample_idx.to(device)], train_y[sample_idx.to(device)]),
+        steps_per_epoch=math.ceil(len(train_x) / budget.batch_size),
     )
     method = cls(task, config)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     eval_idx = torch.randperm(len(train_x), generator=gen)[:TRAIN_EVAL].to(device)
+    diag_idx = torch.randperm(len(train_x), generator=gen)[:DIAG_BATCH].to(device)
     val = (data.val_x.to(device), data.val_y.to(device)) if data.val_x is not None else None
 
     first = batches(len(train_x), budget.batch_size, unit.seed, 0)[0].to(device)
@@ -271,6 +297,9 @@ def run_unit(
                 **diagnostics,
             }
         )
+        if status != "diverged":
+            diag_x, diag_y = train_x[diag_idx], train_y[diag_idx]
+            rows[-1].update(method_diagnostics(method, diag_x, diag_y, device))
         write_csv(unit_dir / "records.csv", pd.DataFrame(rows))
         if status == "diverged":
             break
