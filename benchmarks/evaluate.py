@@ -82,7 +82,7 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
                 continue
             done.append(applies)
             config = make_config(cls.Config, {**json.loads(unit["config"]), **applies}, cls.name)
-            method, _, _ = build_method(cls, config, data, unit["seed"], device)
+            method, *_ = build_method(cls, config, data, unit["seed"], device)
             method.model.load_state_dict(state["model"])
             start = time.perf_counter()
             accs = evaluate(method, test_x, test_y, batch_size, inference_runs,

@@ -8,7 +8,9 @@ Timing rules (written down because they decide what the numbers mean):
 - warm-up steps run on a *copy* of the method and the RNG state is restored afterwards, so
   warm-up affects neither the timing nor what is learned;
 - the device is synchronised before every clock read;
-- evaluation is outside the timed region; `epoch_time_s` is training only.
+- evaluation is outside the timed region; `epoch_time_s` is training only;
+- so are a method's `diagnostics` (after each epoch's evaluation, on one fixed training batch,
+  with the RNG state restored afterwards; their cost is recorded as `diag_time_s`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from methods import HParams, Method, Task, get_method
 
 TRAIN_SAMPLE = 2000  # training examples shown to data-dependent initialisers
 TRAIN_EVAL = 10000  # training examples on which train accuracy is measured each epoch
+DIAG_BATCH = 256  # training examples of the fixed batch a method's diagnostics are computed on
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,27 @@ def is_finite(value: Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
+def method_diagnostics(
+    method: Method, x: Tensor, y: Tensor, device: torch.device
+) -> dict[str, float]:
+    """The method's `diagnostics` on one batch as record columns `diag_<key>`, plus their cost
+    `diag_time_s`; nothing for a method that has none.
+
+    The RNG state is restored afterwards. The method itself guarantees that its state does not
+    change (tests/test_feedback_alignment.py checks every method that has diagnostics), so it is
+    not copied: a copy would double the memory of a large model on a GPU.
+    """
+    measure.synchronize(device)
+    start = time.perf_counter()
+    with preserved_rng(device):
+        values = method.diagnostics(x, y)
+    measure.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not values:
+        return {}
+    return {**{f"diag_{key}": float(v) for key, v in values.items()}, "diag_time_s": seconds}
+
+
 @dataclass
 class UnitResult:
     records: pd.DataFrame
@@ -234,10 +258,12 @@ class UnitResult:
 
 
 def build_method(cls: type[Method], config: HParams, data: Dataset, seed: int,
-                 device: torch.device) -> tuple[Method, tuple[Tensor, Tensor], Tensor]:
-    """A unit's method, seeded, with the training split on `device` and the indices of the
-    training images its train accuracy is measured on. The data-dependent initialisers see
-    a seeded sample of `TRAIN_SAMPLE` training images, never validation or test."""
+                 device: torch.device, batch_size: int | None = None
+                 ) -> tuple[Method, tuple[Tensor, Tensor], Tensor, Tensor]:
+    """A unit's method, seeded, with the training split on `device`, the indices of the
+    training images its train accuracy is measured on and those of its fixed diagnostics
+    batch. The data-dependent initialisers see a seeded sample of `TRAIN_SAMPLE` training
+    images, never validation or test; methods with a schedule learn the epoch's length."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sample_idx = torch.randperm(len(data.train_x), generator=gen)[:TRAIN_SAMPLE].to(device)
@@ -248,10 +274,12 @@ def build_method(cls: type[Method], config: HParams, data: Dataset, seed: int,
         device=device,
         seed=seed,
         train_sample=(train_x[sample_idx], train_y[sample_idx]),
+        steps_per_epoch=math.ceil(len(train_x) / batch_size) if batch_size else None,
     )
     method = cls(task, config)
     eval_idx = torch.randperm(len(train_x), generator=gen)[:TRAIN_EVAL].to(device)
-    return method, (train_x, train_y), eval_idx
+    diag_idx = torch.randperm(len(train_x), generator=gen)[:DIAG_BATCH].to(device)
+    return method, (train_x, train_y), eval_idx, diag_idx
 
 
 def run_unit(
@@ -280,7 +308,8 @@ def run_unit(
     (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
     write_json(unit_dir / "unit.json", identity)
 
-    method, (train_x, train_y), eval_idx = build_method(cls, config, data, unit.seed, device)
+    method, (train_x, train_y), eval_idx, diag_idx = build_method(
+        cls, config, data, unit.seed, device, budget.batch_size)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     val = (data.val_x.to(device), data.val_y.to(device)) if data.val_x is not None else None
 
@@ -344,6 +373,9 @@ def run_unit(
                 **diagnostics,
             }
         )
+        if status != "diverged":
+            diag_x, diag_y = train_x[diag_idx], train_y[diag_idx]
+            rows[-1].update(method_diagnostics(method, diag_x, diag_y, device))
         write_csv(unit_dir / "records.csv", pd.DataFrame(rows))
         if status == "diverged":
             break

@@ -16,6 +16,7 @@ preset needs no Ray.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -89,7 +90,8 @@ def trial(config: dict[str, Any], *, method: str, dataset: str, preset: str,
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
     sample = torch.randperm(len(train_x), generator=gen)[:TRAIN_SAMPLE].to(dev)
     task = Task(tuple(train_x.shape[1:]), data.num_classes, dev, seed,
-                train_sample=(train_x[sample], train_y[sample]))
+                train_sample=(train_x[sample], train_y[sample]),
+                steps_per_epoch=math.ceil(len(train_x) / batch_size))
     model = cls(task, cls.config_for(preset, {**fixed, **config}))
     val_x, val_y = data.val_x.to(dev), data.val_y.to(dev)
     for epoch in range(1, epochs + 1):

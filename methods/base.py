@@ -13,8 +13,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +42,11 @@ class Task:
     `train_sample` is a few thousand training examples (inputs, labels) for methods whose
     initialisation depends on data (NoProp's prototype label embeddings). It never contains
     validation or test examples.
+
+    `steps_per_epoch` is how many `train_step` calls make one epoch (the harness sets it to
+    ceil(training examples / batch size)), for methods whose schedules are given in epochs;
+    None when the caller does not know, and such a method then falls back to a default it
+    documents.
     """
 
     input_shape: tuple[int, ...]
@@ -46,6 +54,7 @@ class Task:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     train_sample: tuple[Tensor, Tensor] | None = None
+    steps_per_epoch: int | None = None
 
 
 StepMode = Literal["auto", "eager", "graph"]
@@ -114,6 +123,66 @@ def make_config(cls: type[HParams], overrides: dict[str, Any], owner: str = "") 
     config = cls(**values)
     config.validate()
     return config
+
+
+def angle_degrees(a: Tensor, b: Tensor) -> float:
+    """The angle between two tensors read as flat vectors, in degrees: 0 when they point the
+    same way, 90 when orthogonal, 180 when opposite; NaN when either is zero.
+
+    Computed in float64 as 2 atan2(|u - v|, |u + v|) of the unit vectors u, v, which (unlike
+    acos of the cosine) is exact near 0 and 180 degrees: a gradient against itself gives 0.
+    """
+    u, v = a.detach().flatten().double(), b.detach().flatten().double()
+    if u.shape != v.shape:
+        raise ValueError(f"angle between tensors of {u.numel()} and {v.numel()} elements")
+    nu, nv = u.norm(), v.norm()
+    if nu == 0 or nv == 0:
+        return float("nan")
+    u, v = u / nu, v / nv
+    return math.degrees(2 * math.atan2(float((u - v).norm()), float((u + v).norm())))
+
+
+def layer_angles(estimate: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, float]:
+    """`angle_degrees` per layer between two gradients keyed by parameter name.
+
+    A layer is one module: the parameters whose names share everything before the last dot
+    (`layers.0.weight` and `layers.0.bias` form `layers.0`) are concatenated into one vector.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in reference:
+        groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return {
+        layer: angle_degrees(
+            torch.cat([estimate[n].flatten() for n in names]),
+            torch.cat([reference[n].flatten() for n in names]),
+        )
+        for layer, names in groups.items()
+    }
+
+
+@contextmanager
+def diagnostic_mode(module: nn.Module) -> Iterator[None]:
+    """Train mode with dropout off, every buffer restored on exit: where `diagnostics` runs.
+
+    Training mode, because the gradient to compare is the one training computes (BatchNorm on
+    batch statistics); dropout off, so that the method's estimate and the reference gradient
+    are derivatives of one deterministic function; buffers (BatchNorm running statistics)
+    restored, so that the forward passes of a diagnostic change nothing.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])
 
 
 class Method:
@@ -242,6 +311,24 @@ class Method:
     def predict(self, x: Tensor) -> Tensor:
         """Class scores of shape (batch, num_classes); the argmax is the prediction."""
         raise NotImplementedError
+
+    # --- what a method may implement -----------------------------------------------------
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Measurements of *how* the method learns, on one batch; none by default.
+
+        The harness calls this once per epoch, after evaluation and outside the timed region,
+        on one fixed training batch (the same every epoch of a unit), and records each value
+        as a column `diag_<key>` of that epoch's row. It must not change the method's state
+        (parameters, buffers, optimiser state, `.grad`), so that a run with diagnostics learns
+        exactly what one without them does; it may draw from the global RNG, which the harness
+        restores afterwards. Values are plain floats (a host sync here is not timed).
+
+        Conventions the report reads: `angle_update/<layer>` is the angle in degrees
+        (`angle_degrees`) between the update direction the method would apply to a layer (its
+        gradient estimate, before the optimiser) and the true backprop gradient of the loss it
+        is compared against, on this batch.
+        """
+        return {}
 
     # --- shared behaviour ----------------------------------------------------------------
     @classmethod

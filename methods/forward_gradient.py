@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from methods.base import ConfigError, HParams, Method, Task
-from methods.nets import MLP, build_net
+from methods.base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
+from methods.nets import build_net, flat_steps
 
 
 @dataclass
@@ -165,6 +165,23 @@ class _ForwardGradient(Method):
     def predict(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def reference_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The loss whose gradient `estimate` is an unbiased estimate of, built with autograd:
+        the network's cross-entropy (local-greedy FG: the sum of the blocks' losses)."""
+        return F.cross_entropy(self.net(x), y)
+
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """`angle_update/<layer>`: this step's forward-gradient estimate against the true
+        gradient of the same loss, by reverse mode, on the same batch (dropout off, as for every
+        method's diagnostics; see `methods.base.diagnostic_mode`)."""
+        params = dict(self.model.named_parameters())
+        with diagnostic_mode(self.model):
+            with torch.no_grad():
+                estimate, _ = self.estimate(x, y)
+            reference = torch.autograd.grad(self.reference_loss(x, y), list(params.values()))
+        angles = layer_angles(estimate, dict(zip(params, reference)))
+        return {f"angle_update/{layer.removeprefix('net.')}": a for layer, a in angles.items()}
+
 
 class WeightPerturbedFG(_ForwardGradient):
     name = "fg-w"
@@ -191,16 +208,6 @@ class WeightPerturbedFG(_ForwardGradient):
 
 # --- activity perturbation ------------------------------------------------------------------
 SITES = (nn.Linear, nn.Conv2d, _BatchNorm)  # layers whose outputs are perturbed, and that learn
-
-
-def _flat_steps(net: nn.Module) -> list[nn.Module]:
-    """The shared classifier as one list of modules in forward order (see `methods.nets`)."""
-    if isinstance(net, MLP):
-        steps: list[nn.Module] = [nn.Flatten()]
-        for i, layer in enumerate(net.layers):
-            steps += [layer, nn.ReLU()] if i < len(net.layers) - 1 else [layer]
-        return steps
-    return [*net.features.layers, *net.head]
 
 
 @torch.no_grad()
@@ -341,7 +348,7 @@ class _ActivityPerturbedFG(_ForwardGradient):
 
     def _build_model(self, task: Task) -> nn.Module:
         """Cut the net into blocks; the auxiliary heads are trained too, so they join the model."""
-        steps = _flat_steps(self.net)
+        steps = flat_steps(self.net)
         weights = [i for i, s in enumerate(steps) if isinstance(s, (nn.Linear, nn.Conv2d))]
         # One weight layer per block, except that the last hidden layer and the output layer
         # share the last block, whose loss is the network's own.
@@ -365,6 +372,16 @@ class _ActivityPerturbedFG(_ForwardGradient):
         if len(shape) == 3:
             return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shape[0], num_classes)]
         return [nn.Linear(shape[0], num_classes)]
+
+    def reference_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Sum of the blocks' losses, each block on the detached output of the one below: a
+        block's parameters get exactly the gradient of their own loss, which is what the
+        block's estimate is unbiased for (for `fg-a`, one block: the network's loss)."""
+        total, h = torch.zeros((), device=x.device), x
+        for block in self.blocks:
+            logits, _, h = block(h.detach(), {})
+            total = total + F.cross_entropy(logits, y)
+        return total
 
     def estimate(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         grads, losses, h = {}, [], x

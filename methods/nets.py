@@ -111,6 +111,23 @@ class MLP(nn.Module):
         return h
 
 
+def flat_steps(net: nn.Module) -> list[nn.Module]:
+    """A shared classifier (`MLP` or `CNN`) as one list of modules in forward order.
+
+    Running the steps one after the other computes exactly `net(x)` (the MLP's flatten and
+    ReLUs become modules of their own). Layer-local methods walk this list to treat each weight
+    layer on its own; the modules are the net's own, so their parameters are the net's.
+    """
+    if isinstance(net, MLP):
+        steps: list[nn.Module] = [nn.Flatten()]
+        for i, layer in enumerate(net.layers):
+            steps += [layer, nn.ReLU()] if i < len(net.layers) - 1 else [layer]
+        return steps
+    if isinstance(net, CNN):
+        return [*net.features.layers, *net.head]
+    raise TypeError(f"no flat form for {type(net).__name__}; expected methods.nets.MLP or CNN")
+
+
 def build_net(arch: str, input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2) -> nn.Module:
     """The classifier named by a method's `arch` hyperparameter (`cnn` or `mlp`)."""
     if arch == "cnn":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ConfigError, HParams, Method, Task
+from methods.base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
 from methods.nets import MLP
 
 
@@ -209,6 +209,24 @@ class TargetPropagation(Method):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         return self.model["net"](x)
+
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """`angle_update/<layer>`: the gradient of the layer's local loss (its step towards its
+        target) against backprop's gradient of the output cross-entropy, on the same batch; the
+        angle Meulemans et al. 2020 report. Targets come from the feedback as it stands (a
+        training step would first update the feedback on this batch; that step is left out so
+        that nothing changes)."""
+        net = self.model["net"]
+        params = dict(net.named_parameters())
+        with diagnostic_mode(self.model):
+            hs = self.activations(x)
+            fixed = [h.detach() for h in hs]
+            with torch.no_grad():
+                targets = self.targets(fixed, self.output_target(fixed[-1], y))
+            update = torch.autograd.grad(self.local_loss(hs, targets), list(params.values()))
+            reference = torch.autograd.grad(F.cross_entropy(net(x), y), list(params.values()))
+        angles = layer_angles(dict(zip(params, update)), dict(zip(params, reference)))
+        return {f"angle_update/{layer}": a for layer, a in angles.items()}
 
 
 class DTP(TargetPropagation):

@@ -49,6 +49,11 @@ class Plot:
     key: str  # file stem
     title: str
     draw: Callable[[pd.DataFrame, pd.DataFrame], Figure]
+    # Whether the records hold what the plot shows; None: always drawn.
+    when: Callable[[pd.DataFrame], bool] | None = None
+
+    def applies(self, records: pd.DataFrame) -> bool:
+        return self.when is None or self.when(records)
 
 
 def _method_order(methods: list[str]) -> list[str]:
@@ -290,6 +295,54 @@ def pareto(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     return fig
 
 
+ANGLE_PREFIX = "diag_angle_update/"  # records columns of `Method.diagnostics` angles
+
+
+def _angle_columns(records: pd.DataFrame) -> list[str]:
+    return [c for c in records.columns if c.startswith(ANGLE_PREFIX)]
+
+
+def has_alignment_angles(records: pd.DataFrame) -> bool:
+    """Whether any unit recorded `angle_update` diagnostics (see `methods.base.Method`)."""
+    columns = _angle_columns(records)
+    return bool(columns) and bool(records[columns].notna().any().any())
+
+
+def alignment_angles(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Angle between each layer's update and backprop's gradient against epoch: one panel per
+    method configuration (and dataset), one line per layer in forward order (the mean over
+    seeds; the band is their min-max). The dashed line at 90 degrees is no alignment at all;
+    below it an update still descends the loss."""
+    columns = _angle_columns(records)
+    groups = [(key, group) for key, group in records.groupby(["variant", "dataset"], sort=False)
+              if group[columns].notna().any().any()]
+    several_datasets = records["dataset"].nunique() > 1
+    cols = min(len(groups), 3)
+    fig, axes = _figure(-(-len(groups) // cols), cols)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, ((variant, dataset), group) in zip(axes.flat, groups):
+        ax.set_title(f"{variant} ({dataset})" if several_datasets else variant)
+        layers = [c for c in columns if group[c].notna().any()]
+        palette = matplotlib.colormaps["viridis"]
+        for i, column in enumerate(layers):
+            stats = group.groupby("epoch")[column].agg(["mean", "min", "max"]).dropna()
+            colour = palette(i / max(len(layers) - 1, 1) * 0.9)
+            ax.plot(stats.index, stats["mean"], color=colour, marker=MARKERS[i % len(MARKERS)],
+                    markersize=3, label=column.removeprefix(ANGLE_PREFIX))
+            if group["seed"].nunique() > 1:
+                ax.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.15,
+                                linewidth=0)
+        ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(-3, max(95.0, float(group[layers].max().max()) + 5))  # 0 stays visible
+        if group["epoch"].nunique() <= 12:
+            ax.set_xticks(sorted(group["epoch"].unique()))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("angle to backprop gradient (degrees)")
+        ax.legend(title="layer", fontsize=7, title_fontsize=7, loc="best")
+    return fig
+
+
 PLOTS = (
     Plot("accuracy_vs_epoch", "Test accuracy vs epoch", accuracy_curves("epoch", "epoch")),
     Plot("accuracy_vs_time", "Test accuracy vs training time",
@@ -298,6 +351,8 @@ PLOTS = (
          accuracy_curves("cum_train_flops", "cumulative training FLOPs")),
     Plot("peak_memory", "Peak memory per method", memory_bars),
     Plot("pareto", "Accuracy vs cost", pareto),
+    Plot("alignment_angles", "Alignment of each layer's update with the backprop gradient",
+         alignment_angles, when=has_alignment_angles),
 )
 
 

@@ -81,7 +81,8 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None,
         out_dir = run_dirs[0] / "report"
     doc, frames, records, summary = build(run_dirs)
     if "md" in formats or "html" in formats:
-        doc.figures = [(p.key, p.title, plots.render(p, records, summary)) for p in plots.PLOTS]
+        doc.figures = [(p.key, p.title, plots.render(p, records, summary))
+                       for p in plots.PLOTS if p.applies(records)]
     text = render.markdown(doc)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,8 @@ from methods.forward_gradient import (
     ForwardGradientConfig,
     _Block,
     _block_estimates,
-    _flat_steps,
 )
-from methods.nets import build_net
+from methods.nets import build_net, flat_steps
 from tests.conftest import make_method
 from tests.test_methods_contract import accuracy, train
 
@@ -57,7 +56,7 @@ def test_flat_steps_compute_the_shared_net(arch):
     net = build_net(arch, (1, 16, 16), 4).eval()
     x = torch.randn(5, 1, 16, 16)
     h = x
-    for step in _flat_steps(net):
+    for step in flat_steps(net):
         h = step(h)
     assert torch.equal(h, net(x))
 
