@@ -209,6 +209,7 @@ def run_unit(
         device=device,
         seed=unit.seed,
         train_sample=(train_x[sample_idx.to(device)], train_y[sample_idx.to(device)]),
+        steps_per_epoch=math.ceil(len(train_x) / budget.batch_size),
     )
     method = cls(task, config)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)

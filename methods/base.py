@@ -37,6 +37,10 @@ class Task:
     `train_sample` is a few thousand training examples (inputs, labels) for methods whose
     initialisation depends on data (NoProp's prototype label embeddings). It never contains
     validation or test examples.
+
+    `steps_per_epoch` is the number of `train_step` calls in one epoch of the run
+    (ceil(training images / batch size), filled by the harness), for methods whose learning
+    rate schedule is defined by epoch; None where there is no epoch (tests, `bpfree cost`).
     """
 
     input_shape: tuple[int, ...]
@@ -44,6 +48,7 @@ class Task:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     train_sample: tuple[Tensor, Tensor] | None = None
+    steps_per_epoch: int | None = None
 
 
 @dataclass
