@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods.base import ConfigError, HParams, Method, Task
-from methods.nets import build_net
+from .base import ConfigError, HParams, Method, Task
+from .nets import build_net
 
 
 def cross_entropy_step(logits: Tensor, y: Tensor, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:

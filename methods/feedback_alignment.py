@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import (
+from .base import (
     ConfigError,
     HParams,
     Method,
@@ -45,7 +45,7 @@ from methods.base import (
     diagnostic_mode,
     layer_angles,
 )
-from methods.nets import build_net, flat_steps
+from .nets import build_net, flat_steps
 
 # Steps per epoch assumed by `milestones` when the caller does not say (Task.steps_per_epoch
 # is None): MNIST's 60,000 training images in batches of 64, biotorch's setting.

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from methods.base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
-from methods.nets import build_net, flat_steps
+from .base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
+from .nets import build_net, flat_steps
 
 
 @dataclass

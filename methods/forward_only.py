@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ConfigError, HParams, Method, Task
-from methods.nets import MLP
+from .base import ConfigError, HParams, Method, Task
+from .nets import MLP
 
 CNN_REASON = (
     "runs on arch=mlp only: neither paper's fully connected rule maps onto the shared CNN "

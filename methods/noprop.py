@@ -96,9 +96,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from methods.backprop import cross_entropy_step
-from methods.base import ConfigError, HParams, Method, Task
-from methods.nets import ImageBranch
+from .backprop import cross_entropy_step
+from .base import ConfigError, HParams, Method, Task
+from .nets import ImageBranch
 
 EmbeddingKind = Literal["one-hot", "learned", "prototype"]
 EmbeddingInit = Literal["auto", "random", "orthogonal", "prototype"]

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ConfigError, Method, Task
-from methods.nets import ImageBranch
-from methods.noprop import (
+from .base import ConfigError, Method, Task
+from .nets import ImageBranch
+from .noprop import (
     LabelEmbedding,
     NoisedLabelConfig,
     kl_to_standard_normal,

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
-from methods.nets import MLP
+from .base import ConfigError, HParams, Method, Task, diagnostic_mode, layer_angles
+from .nets import MLP
 
 
 def _per_layer(spec: str, default: float, count: int, key: str) -> list[float]:

@@ -9,6 +9,7 @@ one method share its colour and differ in line style.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from methods import all_methods
-from reports.display import MEMORY_KINDS, MIB
-from reports.tables import COMPLETE, STATUS_LABELS
+from bpfree.records import Status
+
+from .display import MEMORY_KINDS, MIB
+from .tables import COMPLETE, STATUS_LABELS
 
 DPI = 150  # PNG resolution; the HTML page shows figures at 100 dpi, sharp on HiDPI screens
 STYLE = {
@@ -56,25 +58,33 @@ class Plot:
         return self.when is None or self.when(records)
 
 
-def _method_order(methods: list[str]) -> list[str]:
-    """The registry's names and the report's, sorted together: a method that has left the
-    registry (renamed, or not importable right now) keeps the place, and so the colour, it
-    had while registered."""
-    return sorted(set(all_methods()) | set(methods))
+def _slots(methods: list[str], size: int) -> dict[str, int]:
+    """A slot per method, from a hash of its name: the same method gets the same slot in
+    every report (reports read records only, so they cannot ask the registry for an order).
+    Two methods of one report never share a slot: on a clash the later name, in sorted
+    order, takes the next free one."""
+    taken: dict[int, str] = {}
+    slots: dict[str, int] = {}
+    for name in sorted(set(methods)):
+        slot = int(hashlib.sha1(name.encode()).hexdigest(), 16) % size
+        while slot in taken and len(taken) < size:
+            slot = (slot + 1) % size
+        taken[slot] = name
+        slots[name] = slot
+    return slots
 
 
 def method_colours(methods: list[str]) -> dict[str, str]:
-    """A fixed colour per method from its place in `_method_order`: tab10, then tab20's
-    lighter half."""
+    """A fixed colour per method name: tab10, then tab20's lighter half."""
     palette = list(matplotlib.colormaps["tab10"].colors)
     palette += list(matplotlib.colormaps["tab20"].colors)[1::2]
-    return {name: matplotlib.colors.to_hex(palette[i % len(palette)])
-            for i, name in enumerate(_method_order(methods))}
+    return {name: matplotlib.colors.to_hex(palette[slot])
+            for name, slot in _slots(methods, len(palette)).items()}
 
 
 def method_markers(methods: list[str]) -> dict[str, str]:
     """A fixed marker per method as well, so plots still read in black and white."""
-    return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(_method_order(methods))}
+    return {name: MARKERS[slot] for name, slot in _slots(methods, len(MARKERS)).items()}
 
 
 class Styler:
@@ -90,7 +100,7 @@ class Styler:
         for _, group in variants.groupby("method"):
             for i, variant in enumerate(group["variant"]):
                 self.style[variant] = LINESTYLES[i % len(LINESTYLES)]
-        self.running = set(summary.loc[summary["status"] == "running", "variant"])
+        self.running = set(summary.loc[summary["status"] == Status.RUNNING, "variant"])
 
     def colour(self, variant: str) -> str:
         return self.colours[self.method[variant]]
@@ -184,7 +194,7 @@ def accuracy_curves(x: str, xlabel: str) -> Callable[[pd.DataFrame, pd.DataFrame
                 if per_epoch["seeds"].max() > 1:
                     ax.fill_between(per_epoch["x"], 100 * per_epoch["lo"], 100 * per_epoch["hi"],
                                     color=colour, alpha=0.18, linewidth=0)
-                ends = group[group["unit"].isin(summary.loc[summary["status"] == "diverged", "unit"])]
+                ends = group[group["unit"].isin(summary.loc[summary["status"] == Status.DIVERGED, "unit"])]
                 ends = ends.sort_values("epoch").groupby("unit").tail(1)
                 ax.plot(ends[x], 100 * ends["test_acc"], "x", color="black", markersize=8,
                         markeredgewidth=2, label="diverged seed (last epoch)" if len(ends) else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reports.display import Cell, Table
+from .display import Cell, Table
 
 # (meta.json field, what a difference means); device and versions change timings, numerics.
 COMPARED = ((("device", "device_name"), "device"), (("torch",), "torch version"),

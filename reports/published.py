@@ -1,4 +1,5 @@
-"""Published numbers next to ours: read results/published/published.csv and join on it.
+"""Published numbers next to ours: read results/published/published.csv (shipped as package
+data of `bpfree.results`) and join on it.
 
 The CSV holds what the papers printed, unconverted (accuracy or error in %, memory in GB), one
 row per number, with columns source, table, method, dataset, metric, value, std, note.
@@ -14,15 +15,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from methods import ConfigError
-from reports.tables import STATUS_LABELS
+from .load import ReportError
+from .tables import STATUS_LABELS
 
-PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "results" / "published" / "published.csv"
+# Shipped with the package (bpfree.results), so a wheel has it too.
+PUBLISHED_CSV = Path(str(files("bpfree.results") / "published" / "published.csv"))
 COLUMNS = ("source", "table", "method", "dataset", "metric", "value", "std", "note")
 
 
@@ -60,16 +63,16 @@ def read_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
         table = pd.read_csv(path, dtype={"table": str, "note": str}, keep_default_na=False,
                             na_values={"value": [""], "std": [""]})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ConfigError(f"{path}: cannot be read as CSV ({str(exc).splitlines()[0]})") from None
+        raise ReportError(f"{path}: cannot be read as CSV ({str(exc).splitlines()[0]})") from None
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
-        raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}")
+        raise ReportError(f"{path}: missing column(s) {', '.join(missing)}")
     unknown = sorted(set(table["metric"]) - set(METRICS))
     if unknown:
-        raise ConfigError(f"{path}: unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+        raise ReportError(f"{path}: unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
     for column in ("value", "std"):
         if not pd.api.types.is_numeric_dtype(table[column]):
-            raise ConfigError(f"{path}: column {column} holds non-numbers")
+            raise ReportError(f"{path}: column {column} holds non-numbers")
     return table
 
 

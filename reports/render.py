@@ -11,8 +11,8 @@ import html
 import re
 from dataclasses import dataclass
 
-from reports.display import Table
-from reports.plots import DPI
+from .display import Table
+from .plots import DPI
 
 WRAP_AT = 40  # characters: a cell longer than this may wrap (HTML) or sets a paragraph column (LaTeX)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.records import atomic_write, write_csv, write_text
-from methods import ConfigError
-from reports import display, plots, provenance, render
-from reports.load import load_runs
-from reports.published import compare, read_published
-from reports.tables import accuracy_table, assign_variants, cost_table, failures
+from bpfree.records import atomic_write, write_csv, write_text
+
+from . import display, plots, provenance, render
+from .load import ReportError, load_runs
+from .published import compare, read_published
+from .tables import accuracy_table, assign_variants, cost_table, failures
 
 FORMATS = ("md", "html", "tex", "csv")
 
@@ -30,7 +30,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip() for f in text.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise ConfigError(f"--formats {text!r}: choose from {','.join(FORMATS)} (comma-separated)")
+        raise ReportError(f"--formats {text!r}: choose from {','.join(FORMATS)} (comma-separated)")
     return formats
 
 
@@ -77,7 +77,7 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None,
     """Write the report in `formats`; returns the main file's path and the Markdown text."""
     if out_dir is None:
         if len(run_dirs) != 1:
-            raise ConfigError("several run folders are merged into one report: pass --out DIR")
+            raise ReportError("several run folders are merged into one report: pass --out DIR")
         out_dir = run_dirs[0] / "report"
     doc, frames, records, summary = build(run_dirs)
     if "md" in formats or "html" in formats:
@@ -87,7 +87,7 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None,
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot write to {out_dir} ({exc.strerror}); pass a writable --out DIR") from None
+        raise ReportError(f"cannot write to {out_dir} ({exc.strerror}); pass a writable --out DIR") from None
     written = []
     if "md" in formats:
         for key, _, png in doc.figures:

@@ -16,11 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-COMPLETE = ("finished", "diverged")  # statuses whose numbers count in a row's mean
+from bpfree.records import COMPLETE, Status
+
 # How reports name a status. A unit without a summary is recorded as `running`, but it may as
 # well have been interrupted: the report cannot tell which, so it says neither.
-STATUS_LABELS = {"finished": "finished", "diverged": "diverged", "failed": "failed",
-                 "running": "unfinished"}
+STATUS_LABELS = {Status.FINISHED: "finished", Status.DIVERGED: "diverged",
+                 Status.FAILED: "failed", Status.RUNNING: "unfinished"}
 IDENTITY = ("epochs", "batch_size", "device")  # besides the config, what makes a variant
 BASELINES = ("backprop", "backprop-blocks")  # the ratio baseline, first one present
 ACCURACY_METRICS = ("final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc")
@@ -55,15 +56,15 @@ def assign_variants(summary: pd.DataFrame) -> pd.DataFrame:
 def _status(group: pd.DataFrame) -> str:
     """`2 finished, 1 diverged (seed 2, epoch 3)`: every unit accounted for."""
     parts = []
-    for status in ("finished", "diverged", "running", "failed"):
+    for status in (Status.FINISHED, Status.DIVERGED, Status.RUNNING, Status.FAILED):
         units = group[group["status"] == status]
         if units.empty:
             continue
         text = f"{len(units)} {STATUS_LABELS[status]}"
-        if status == "diverged":
+        if status == Status.DIVERGED:
             text += " (" + "; ".join(f"seed {r.seed}, epoch {int(r.epochs_done)}"
                                      for r in units.itertuples()) + ")"
-        elif status == "running":
+        elif status == Status.RUNNING:
             text += " (" + "; ".join(f"seed {r.seed}: {int(r.epochs_done)}/{int(r.epochs)} epochs"
                                      for r in units.itertuples()) + ")"
         parts.append(text)
@@ -75,7 +76,7 @@ def _counted(group: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     done = group[group["status"].isin(COMPLETE)]
     if not done.empty:
         return done, False
-    running = group[(group["status"] == "running") & (group["epochs_done"] > 0)]
+    running = group[(group["status"] == Status.RUNNING) & (group["epochs_done"] > 0)]
     return running, not running.empty
 
 
@@ -104,7 +105,7 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def failures(summary: pd.DataFrame) -> pd.DataFrame:
     """Failed units with their errors, listed under the tables (too long for a cell)."""
-    failed = summary[summary["status"] == "failed"]
+    failed = summary[summary["status"] == Status.FAILED]
     return failed[["dataset", "variant", "seed", "error", "run"]].reset_index(drop=True)
 
 

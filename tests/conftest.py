@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from bpfree.methods import Method, Task, all_methods
 
-from benchmarks.data import make_separable
-from methods import Method, Task, all_methods
+from bpfree.data import make_separable
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(RAY_ENV)

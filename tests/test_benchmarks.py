@@ -12,12 +12,14 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import bpfree.methods
 import pytest
 import torch
 from asv_runner.discovery import disc_benchmarks
 
+from benchmarks import bench_methods
 from benchmarks.bench_methods import SHAPES, build_method
-from benchmarks.harness import measure_costs
+from bpfree.harness import measure_costs
 from tests.conftest import METHODS
 
 BATCH = 32
@@ -67,18 +69,37 @@ def test_predict(benchmark, name):
 
 def test_asv_finds_every_method_and_nothing_else():
     """asv treats any time_/mem_/peakmem_/track_ function under benchmarks/ as a benchmark:
-    only bench_methods may define them, and each must cover every registered method."""
+    only bench_methods may define them, and each covers the committed method list."""
     found = {b.name: b for b in disc_benchmarks(str(Path(__file__).parents[1] / "benchmarks"))}
     assert set(found) == {
         "bench_methods.TrainStep.time_train_step",
         "bench_methods.TrainStepMemory.peakmem_train_step",
         "bench_methods.Predict.time_predict",
-        "bench_methods.GateMetrics.track_flops_train_step",
-        "bench_methods.GateMetrics.track_activation_bytes",
+        "bench_methods.Counts.track_params",
+        "bench_methods.Counts.track_flops_train_step",
         "bench_methods.GateMetrics.track_test_error",
     }
     for bench in found.values():
-        assert list(bench.params[0]) == [repr(m) for m in METHODS]
+        assert list(bench.params[0]) == [repr(m) for m in bench_methods.METHODS]
         assert bench.version is not None  # set by hand, so edits keep the history
         if bench.name.split(".")[-1].startswith("track_"):
             assert bench.unit not in (None, "unit")
+
+
+def test_asv_method_list_is_fixed_and_covers_the_registry():
+    """asv addresses parameters by position: the committed list must hold every registered
+    method, each once, so no commit's numbers land under another method's name."""
+    assert len(set(bench_methods.METHODS)) == len(bench_methods.METHODS)
+    assert set(bench_methods.METHODS) == set(METHODS)
+
+
+def test_a_method_missing_at_a_commit_is_skipped_not_mislabelled(monkeypatch):
+    """At a commit without a method, setup raises NotImplementedError: asv's n/a."""
+    registry = {k: v for k, v in bpfree.methods.all_methods().items() if k != "pepita"}
+    monkeypatch.setattr(bench_methods, "all_methods", lambda: registry)
+    with pytest.raises(NotImplementedError, match="pepita is not registered"):
+        bench_methods.Counts().setup("pepita")
+    bench = bench_methods.Counts()
+    bench.setup("backprop")
+    expected = sum(p.numel() for p in build_method("backprop", "mnist", "cpu")[0].model.parameters())
+    assert bench.track_params("backprop") == expected

@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks import check
-from benchmarks.check import METRICS, GateBudget, compare, measure_method
-from benchmarks.cli import main
-from benchmarks.data import Dataset, make_separable
+from bpfree import check
+from bpfree.check import METRICS, GateBudget, compare, measure_method
+from bpfree.cli import main
+from bpfree.data import Dataset, make_separable
 
 TINY = GateBudget(dataset="synthetic", train_images=64, batch_size=32)
 
@@ -32,7 +32,7 @@ def measured() -> pd.DataFrame:
 def gate(monkeypatch, measured, tmp_path, capsys):
     """Run `bpfree check` against a baseline built by `doctor(baseline_frame)`:
     returns (exit code, printed output)."""
-    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET: measured.copy())
+    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET, progress=None: measured.copy())
 
     def run(doctor=lambda frame: frame, *extra: str) -> tuple[int, str]:
         path = tmp_path / "ci.csv"
@@ -103,7 +103,7 @@ def test_baseline_method_no_longer_registered_fails(gate):
 
 def test_method_that_raises_fails_and_blocks_update(gate, monkeypatch, measured):
     broken = measured.assign(error="RuntimeError: boom")
-    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET: broken)
+    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET, progress=None: broken)
     code, out = gate()
     assert code == 1 and "FAILED TO MEASURE: RuntimeError: boom" in out
     code, out = gate(lambda frame: frame, "--update")
@@ -121,7 +121,7 @@ def test_update_rewrites_the_baseline(gate, tmp_path):
 
 
 def test_update_creates_a_missing_baseline(monkeypatch, measured, tmp_path):
-    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET: measured.copy())
+    monkeypatch.setattr(check, "measure_all", lambda budget=check.BUDGET, progress=None: measured.copy())
     path = tmp_path / "new" / "ci.csv"
     assert main(["check", "--baseline", str(path)]) == 2  # a missing baseline is a user error
     assert main(["check", "--baseline", str(path), "--update"]) == 0

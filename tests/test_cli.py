@@ -9,11 +9,11 @@ from functools import partial
 
 import pandas as pd
 import pytest
+from bpfree.methods import all_methods
 
-from benchmarks.cli import main
-from benchmarks.measure import count_flops
-from benchmarks.step_cost import build_method
-from methods import all_methods
+from bpfree.cli import main
+from bpfree.cost import build_method
+from bpfree.measure import count_flops
 
 
 def test_list_shows_every_registered_method_dataset_and_suite(capsys):
@@ -141,6 +141,33 @@ def test_user_mistakes_exit_2_with_one_line(args, message, tmp_path, capsys):
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "run", "--methods", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "bpfree.cli", "run", "--methods", "nope"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_set_does_not_swallow_a_positional_argument():
+    """`--set` takes KEY=VALUE words only: a run folder written after it stays positional."""
+    from bpfree.cli import build_parser, hoist_sets
+
+    argv = ["evaluate", "--set", "sampler=mean", "inference_steps=10", "RUN", "--device", "cpu"]
+    assert hoist_sets(argv) == ["evaluate", "RUN", "--device", "cpu", "--set", "sampler=mean",
+                                "inference_steps=10"]
+    args = build_parser().parse_args(hoist_sets(argv))
+    assert args.run_dir == "RUN" and args.set == [["sampler=mean", "inference_steps=10"]]
+
+
+def test_every_option_has_help_and_version_names_the_commit(capsys):
+    import argparse
+
+    from bpfree.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in verbs.choices.items():
+        for action in sub._actions:
+            assert action.help, f"bpfree {name}: {action.dest} has no help text"
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert out.startswith("bpfree ") and "commit" in out

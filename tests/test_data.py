@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.data import DataError, load_dataset, read_idx, stratified_split
+from bpfree.data import DataError, load_dataset, read_idx, stratified_split
 
 
 def write_idx(path, array: np.ndarray, gz: bool) -> None:

@@ -17,14 +17,18 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from bpfree.methods import Method, Task, all_methods
+from bpfree.methods.base import angle_degrees, diagnostic_mode
+from bpfree.methods.feedback_alignment import (
+    DEFAULT_STEPS_PER_EPOCH,
+    FeedbackAlignment,
+    _FeedbackMethod,
+)
 from PIL import Image
 
-from benchmarks.cli import main
-from benchmarks.data import Dataset, make_separable
-from benchmarks.harness import Budget, Unit, run_units
-from methods import Method, Task, all_methods
-from methods.base import angle_degrees, diagnostic_mode
-from methods.feedback_alignment import DEFAULT_STEPS_PER_EPOCH, FeedbackAlignment, _FeedbackMethod
+from bpfree.cli import main
+from bpfree.data import Dataset, make_separable
+from bpfree.harness import Budget, Unit, run_units
 from tests.conftest import make_method
 from tests.test_harness import DOCS
 from tests.test_report import META

@@ -10,15 +10,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from methods import Method, Task, all_methods
-from methods.forward_gradient import (
+from bpfree.methods import Method, Task, all_methods
+from bpfree.methods.forward_gradient import (
     ForwardGradientConfig,
     _Block,
     _block_estimates,
 )
-from methods.nets import build_net, flat_steps
+from bpfree.methods.nets import build_net, flat_steps
+from torch import Tensor, nn
+
 from tests.conftest import make_method
 from tests.test_methods_contract import accuracy, train
 

@@ -16,13 +16,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bpfree.methods import ConfigError, Method, Task
+from bpfree.methods.forward_only import ForwardForward, Pepita, hinton_gain, rms_normalise
 from torch import Tensor
 
-from benchmarks import measure
-from benchmarks.data import Dataset, make_separable
-from benchmarks.harness import Budget, Unit, run_units
-from methods import ConfigError, Method, Task
-from methods.forward_only import ForwardForward, Pepita, hinton_gain, rms_normalise
+from bpfree import measure
+from bpfree.data import Dataset, make_separable
+from bpfree.harness import Budget, Unit, run_units
 from tests.conftest import make_method
 from tests.test_methods_contract import train
 

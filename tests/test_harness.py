@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from bpfree.methods.backprop import Backprop
 
-from benchmarks.data import Dataset, make_separable
-from benchmarks.harness import Budget, Unit, run_units
-from benchmarks.records import collect
-from methods.backprop import Backprop
+from bpfree.data import Dataset, make_separable
+from bpfree.harness import Budget, Unit, run_units
+from bpfree.records import collect
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "records.md"
 
@@ -33,7 +33,7 @@ def test_records_and_summary_have_every_documented_column(tmp_path, tiny):
     assert len(summary) == 1 and summary.loc[0, "status"] == "finished"
     assert (records["cum_time_s"].diff().dropna() > 0).all()
     assert summary.loc[0, "params"] == sum(p.numel() for p in Backprop(
-        __import__("methods").Task((1, 16, 16), 4), Backprop.config_for("default", {"arch": "mlp"})
+        __import__("bpfree.methods").methods.Task((1, 16, 16), 4), Backprop.config_for("default", {"arch": "mlp"})
     ).model.parameters())
     documented = set(re.findall(r"^\| `([a-z_0-9]+)`", DOCS.read_text(), flags=re.M))
     for column in [*records.columns, *summary.columns]:

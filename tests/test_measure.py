@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.measure import count_flops, peak_step_memory, saved_tensor_bytes, state_bytes
+from bpfree.measure import count_flops, peak_step_memory, saved_tensor_bytes, state_bytes
 
 
 def test_flops_of_a_linear_layer():

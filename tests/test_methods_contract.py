@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import bpfree.methods
 import pytest
 import torch
+from bpfree.methods import Method
 
-from methods import Method
 from tests.conftest import METHODS, make_method
 
 
@@ -95,3 +101,44 @@ def test_learns_a_separable_task(name, separable):
     train(method, x, y, steps=150)
     after = accuracy(method, tx, ty)
     assert after >= 0.9, f"{name}: test accuracy {after:.3f} (was {before:.3f} before training)"
+
+
+def test_no_method_module_is_broken():
+    """A method module that fails to import is listed, not hidden: the contract fails on it."""
+    assert bpfree.methods.broken_modules() == {}
+
+
+def test_a_broken_module_is_listed_and_the_others_still_load(monkeypatch, capsys):
+    real = importlib.import_module
+
+    def failing(name, *args):
+        if name == "bpfree.methods.target_prop":
+            raise SyntaxError("invalid syntax (target_prop.py, line 1)")
+        return real(name, *args)
+
+    bpfree.methods._discover.cache_clear()
+    monkeypatch.setattr(importlib, "import_module", failing)
+    try:
+        methods = bpfree.methods.all_methods()
+        assert "backprop" in methods and "dtp" not in methods
+        assert "SyntaxError" in bpfree.methods.broken_modules()["target_prop"]
+        from bpfree.cli import main
+
+        assert main(["list"]) == 0
+        assert "target_prop" in capsys.readouterr().out
+        with pytest.raises(bpfree.methods.ConfigError, match="failed to import: target_prop"):
+            bpfree.methods.get_method("dtp")
+    finally:
+        monkeypatch.undo()
+        bpfree.methods._discover.cache_clear()
+
+
+@pytest.mark.parametrize("folder", ["methods", "reports", "results"])
+def test_the_folders_cannot_be_imported_under_a_second_name(folder):
+    """From the repository root, `import methods` would load the same files as a second
+    package next to bpfree.methods (two registries, two copies of every class): refused."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", f"import {folder}"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"import bpfree.{folder}, not {folder}" in proc.stderr

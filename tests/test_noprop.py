@@ -13,12 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributions import Normal, kl_divergence
-
-from benchmarks.measure import count_flops, saved_tensor_bytes
-from methods import ConfigError, Task
-from methods.noprop import (
+from bpfree.methods import ConfigError, Task
+from bpfree.methods.noprop import (
     DTBlock,
     LabelEmbedding,
     class_prototypes,
@@ -26,7 +22,11 @@ from methods.noprop import (
     kl_to_standard_normal,
     snr,
 )
-from methods.noprop_continuous import LearnedSchedule
+from bpfree.methods.noprop_continuous import LearnedSchedule
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from bpfree.measure import count_flops, saved_tensor_bytes
 from tests.conftest import make_method
 from tests.test_methods_contract import accuracy, train
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from bpfree.reports import plots, render
+from bpfree.reports.published import compare, parse_method, read_published
+from bpfree.reports.report import build
 from PIL import Image
 
-from benchmarks.cli import main
-from benchmarks.records import SCHEMA_VERSION
-from reports import plots, render
-from reports.published import compare, parse_method, read_published
-from reports.report import build
+from bpfree.cli import main
+from bpfree.records import SCHEMA_VERSION
 
 META = {"command": "bpfree run --suite quick", "started": "2026-01-01T00:00:00+00:00",
         "resumed": [], "git_commit": "abc123", "python": "3.11.7", "torch": "2.14.1",
@@ -243,10 +243,14 @@ def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
     assert same.warnings == []
 
 
-def test_method_colours_depend_on_the_registry_not_the_report():
+def test_method_colours_follow_the_name_not_the_report():
+    """A method keeps its colour from report to report, and no two methods of one report
+    share one (a clash moves the later name to the next free colour)."""
     both = plots.method_colours(["backprop", "noprop-dt"])
     assert plots.method_colours(["noprop-dt"])["noprop-dt"] == both["noprop-dt"]
-    assert len(set(plots.method_colours([]).values())) == len(plots.method_colours([]))
+    assert plots.method_colours(["backprop"])["backprop"] == both["backprop"]
+    colours = plots.method_colours([f"m{i}" for i in range(20)])  # as many as colours
+    assert len(set(colours.values())) == len(colours) == 20
 
 
 def _corrupt_summary(run: Path) -> str:
@@ -317,3 +321,27 @@ def test_a_run_where_every_unit_failed_still_reports_the_failures(tmp_path):
     text = render.markdown(build([run])[0])
     assert "dtp on mnist-5k, seed 0: RuntimeError: boom" in text
     assert "fg-w on mnist-5k, seed 0: RuntimeError: boom" in text
+
+
+def test_reports_need_neither_torch_nor_the_methods(tmp_path):
+    """A report is made from CSV and JSON files alone: in a process where importing torch
+    or bpfree.methods fails, bpfree.reports still imports and renders every format."""
+    run = write_run(tmp_path / "run", [unit("backprop", 0, [0.8, 0.9]),
+                                       unit("noprop-dt", 0, [0.7, 0.85])])
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith(("torch.", "bpfree.methods")):
+            raise ImportError(f"blocked: {{name}}")
+sys.meta_path.insert(0, Block())
+from bpfree.reports.report import write_report
+path, text = write_report([__import__("pathlib").Path({str(run)!r})])
+assert "backprop" in text and "noprop-dt" in text, text
+assert "torch" not in sys.modules and "bpfree.methods" not in sys.modules
+print("ok", path)
+"""
+    proc = __import__("subprocess").run([__import__("sys").executable, "-c", script],
+                                        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "report" / "report.md").is_file() and (run / "report" / "index.html").is_file()

@@ -14,11 +14,11 @@ import json
 import pandas as pd
 import pytest
 import torch
+from bpfree.methods import ConfigError
+from bpfree.methods.base import GRAPH_WARMUP
 
-from benchmarks.data import Dataset, make_separable
-from benchmarks.harness import Budget, Unit, run_units
-from methods import ConfigError
-from methods.base import GRAPH_WARMUP
+from bpfree.data import Dataset, make_separable
+from bpfree.harness import Budget, Unit, run_units
 from tests.conftest import METHODS, make_method
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -63,7 +63,7 @@ def test_copies_and_reloads_carry_no_recorded_graph():
 def test_step_mode_is_recorded_and_resume_keeps_it(tmp_path, monkeypatch):
     """An interrupted unit resumes with the step mode it started with (it is part of the
     unit's configuration, so of its id) and records the mode that ran."""
-    from methods.backprop import Backprop
+    from bpfree.methods.backprop import Backprop
 
     data = {"synthetic": Dataset("synthetic", 4, *make_separable(128, 64, 4, (1, 16, 16), seed=2))}
     unit = Unit("backprop", "synthetic", 0, "default", (("arch", "mlp"), ("step", "eager")))

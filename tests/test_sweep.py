@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from bpfree.methods import ConfigError
 
-from benchmarks.cli import main
-from benchmarks.sweep import load_sweep, run_sweep
-from methods import ConfigError
+from bpfree.cli import main
+from bpfree.records import RecordsError
+from bpfree.sweep import load_sweep, run_sweep
 from tests.conftest import FAKE_GPU
 
-SWEEPS = Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps"
+SWEEPS = Path(__file__).resolve().parents[1] / "bpfree" / "sweeps"
 TINY = {"methods": "backprop", "datasets": "synthetic", "seeds": [0, 1], "epochs": 1,
         "cpus_per_unit": 1,
         "grid": {"backprop": {"arch": "mlp", "width": 32}}}
@@ -146,7 +147,7 @@ def test_changing_the_shared_budget_of_a_sweep_folder_is_refused(tmp_path):
     sweep_dir = tmp_path / "out"
     run_sweep(load_sweep(write_sweep(tmp_path / "a.toml", {**TINY, "seeds": 0})), sweep_dir)
     grown = load_sweep(write_sweep(tmp_path / "b.toml", {**TINY, "seeds": 0, "batch_size": 64}))
-    with pytest.raises(ConfigError, match="batch_size=128"):
+    with pytest.raises(RecordsError, match="batch_size=128"):
         run_sweep(grown, sweep_dir)
 
 
@@ -160,13 +161,13 @@ def test_changing_the_shared_budget_of_a_sweep_folder_is_refused(tmp_path):
         ('methods = "backprop"\ndatasets = "synthetic"\nseeds = ["a"]\nepochs = 1',
          "key 'seeds' must be an integer"),
         ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 0',
-         "key 'epochs' must be >= 1"),
+         "key 'epochs': epochs must be >= 1"),
         ('methods = "nope"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1',
          "key 'methods': unknown method 'nope'"),
         ('methods = "backprop"\ndatasets = "imagenet"\nseeds = 0\nepochs = 1',
          "key 'datasets': unknown dataset 'imagenet'"),
         ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\ndevice = "tpu"',
-         "key 'device' must be one of"),
+         "key 'device': device must be one of"),
         ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
          '[grid.fg-w]\nlr = [0.1]', "[grid.fg-w]: 'fg-w' is not in 'methods'"),
         ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from bpfree.methods import ConfigError
+from bpfree.methods.target_prop import TargetPropagation
 from torch import Tensor
 
-from methods import ConfigError
-from methods.target_prop import TargetPropagation
 from tests.conftest import make_method
 from tests.test_methods_contract import accuracy, train
 

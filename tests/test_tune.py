@@ -6,13 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+from bpfree.methods import ConfigError, all_methods
+from bpfree.methods.backprop import Backprop
 
-from benchmarks import data as data_module
-from benchmarks.cli import main
-from benchmarks.data import DatasetInfo, make_separable
-from benchmarks.tune import ray_search_space, trial, tuning_split
-from methods import ConfigError, all_methods
-from methods.backprop import Backprop
+from bpfree import data as data_module
+from bpfree.cli import main
+from bpfree.data import DatasetInfo, make_separable
+from bpfree.tune import ray_search_space, trial, tuning_split
 
 
 class Untouchable:

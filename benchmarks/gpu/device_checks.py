@@ -13,7 +13,7 @@ Phases, each in its own process and bounded by what is left of the budget:
    NoProp-DT's stacked blocks.
 3. `alone`: one epoch of one NoProp-DT unit alone on the GPU (its time per epoch, for the
    units-per-hour comparison).
-4. `sweep`: benchmarks/sweeps/noprop-dt-ablation.toml, every unit at once on the one GPU.
+4. `sweep`: bpfree/sweeps/noprop-dt-ablation.toml, every unit at once on the one GPU.
 5. `evaluate`: the kept models under other inference settings (samplers, steps).
 6. `report`: `bpfree report` of the sweep.
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 CAPTURABLE = ["backprop", "backprop-blocks", "noprop-dt", "noprop-ct", "noprop-fm", "fg-w",
               "fg-a", "lg-fg-a"]
 COST_METHODS = ["noprop-dt", "backprop-blocks", "noprop-ct", "noprop-fm", "backprop"]
-SWEEP = REPO / "benchmarks" / "sweeps" / "noprop-dt-ablation.toml"
+SWEEP = REPO / "bpfree" / "sweeps" / "noprop-dt-ablation.toml"
 
 
 class Phases:
@@ -96,7 +96,7 @@ class Phases:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.cli", *args]
+    return [sys.executable, "-m", "bpfree.cli", *args]
 
 
 def graph_failures(log: str) -> set[str]:

@@ -21,27 +21,27 @@ import json
 import os
 import sys
 import time
+import typing
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.data import DATASETS
-from benchmarks.harness import Unit
-from benchmarks.records import merge_run, unit_is_done, write_json
-from benchmarks.workers import Context, LocalPool, Pool, RayPool, start_ray
-from methods import ConfigError, get_method
+from bpfree import options
+from bpfree.harness import Unit
+from bpfree.methods import ConfigError
+from bpfree.records import merge_run, start_run, unit_is_done, write_json
+from bpfree.workers import Context, LocalPool, Pool, RayPool, start_ray
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - the tomli backport has the same API
     import tomli as tomllib
 
-DEVICES = ("auto", "cpu", "cuda")
 MAX_LIVE_LINES = 16  # a terminal shows this many running units; the rest are only counted
 MERGE_EVERY_S = 30.0  # how often the sweep-level records.csv / summary.csv are refreshed
 
@@ -65,21 +65,26 @@ class SweepUnit(Unit):
 class Sweep:
     """A validated sweep file. Every list is a grid axis; scalars are fixed for all units."""
 
+    # A field's `check` (metadata) is the shared option check it must pass (bpfree.options);
+    # its type, read from the annotation, is what a sweep file may give.
     path: Path
-    methods: tuple[str, ...]
-    datasets: tuple[str, ...]
-    seeds: tuple[int, ...]
-    epochs: tuple[int, ...]
+    methods: tuple[str, ...] = field(metadata={"check": options.check_methods})
+    datasets: tuple[str, ...] = field(
+        metadata={"check": lambda names: [options.check_dataset(n) for n in names]})
+    seeds: tuple[int, ...] = field(metadata={"check": options.check_seeds})
+    epochs: tuple[int, ...] = field(
+        metadata={"check": lambda values: [options.at_least("epochs", v) for v in values]})
     preset: str = "default"
-    batch_size: int = 128
-    device: str = "auto"
+    batch_size: int = field(default=128, metadata={"check": lambda v: options.at_least("batch_size", v)})
+    device: str = field(default="auto", metadata={"check": options.check_device})
     data_dir: str | None = None
-    val_fraction: float = 0.0
-    target_acc: float | None = None
-    max_retries: int = 1
-    cpus_per_unit: int | None = None
-    units_per_gpu: int = 1
-    inference_runs: int = 1
+    val_fraction: float = field(default=0.0, metadata={"check": options.check_val_fraction})
+    target_acc: float | None = field(default=None, metadata={"check": options.check_target_acc})
+    max_retries: int = field(default=1, metadata={"check": lambda v: options.at_least("max_retries", v, 0)})
+    cpus_per_unit: int | None = field(
+        default=None, metadata={"check": lambda v: v is None or options.at_least("cpus_per_unit", v)})
+    units_per_gpu: int = field(default=1, metadata={"check": lambda v: options.at_least("units_per_gpu", v)})
+    inference_runs: int = field(default=1, metadata={"check": lambda v: options.at_least("inference_runs", v)})
     keep_model: bool = False
     description: str = ""
     # Per method, one or more tables of hyperparameter axes; each table is a cross product,
@@ -96,7 +101,7 @@ class Sweep:
     def units(self) -> list[SweepUnit]:
         """Every unit of the grid, hyperparameters validated; grouped by dataset so that a
         worker's cached dataset is reused by the units that follow."""
-        from benchmarks.tune import resolve_preset
+        from bpfree.tune import resolve_preset
 
         units: dict[str, SweepUnit] = {}
         for dataset, epochs, method in itertools.product(self.datasets, self.epochs, self.methods):
@@ -121,37 +126,61 @@ class Sweep:
 
 # --- reading and validating sweep files ----------------------------------------------------
 
-_REQUIRED = ("methods", "datasets", "seeds", "epochs")
+_REQUIRED = tuple(f.name for f in fields(Sweep) if f.default is MISSING
+                  and f.default_factory is MISSING and f.name != "path")
+_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
 
-_KINDS = {"a string": (str,), "an integer": (int,), "a number": (int, float), "a boolean": (bool,),
-          "a string, number or boolean": (str, int, float, bool)}
+def _fits(value: Any, kind: type) -> bool:
+    """Whether a TOML value has the field's type (an integer is a number; a boolean is not)."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
-def _is(value: Any, what: str) -> bool:
-    kinds = _KINDS[what]
-    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-
-
-def _axis(path: Path, key: str, raw: Any, what: str) -> tuple[Any, ...]:
+def _axis(path: Path, key: str, raw: Any, kinds: tuple[type, ...]) -> tuple[Any, ...]:
     """A scalar or a non-empty list, as a tuple without duplicates."""
     values = raw if isinstance(raw, list) else [raw]
-    if not values or not all(_is(v, what) for v in values):
+    if not values or not all(any(_fits(v, k) for k in kinds) for v in values):
+        what = " or ".join(_WORDS[k] for k in kinds)
         raise ConfigError(f"{path}: key {key!r} must be {what} or a non-empty list of them, "
                           f"got {raw!r}")
     return tuple(dict.fromkeys(values))
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Parse and check a sweep file; every mistake is one ConfigError naming the file and key."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the sweep file "
+                          f"as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read sweep file {path} ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    known = {f for f in Sweep.__dataclass_fields__ if f != "path"}
+
+
+def resolve_sweep_path(name: str | Path) -> Path:
+    """A sweep file's path: the file itself, or the name of one shipped with bpfree
+    (`noprop-mnist` for bpfree/sweeps/noprop-mnist.toml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = files("bpfree") / "sweeps" / f"{path.stem}.toml"
+    if path.suffix in ("", ".toml") and path.parent == Path(".") and bundled.is_file():
+        return Path(str(bundled))
+    return path
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file; every mistake is one ConfigError naming the file and key.
+    The keys, their types and their checks are the `Sweep` dataclass's own fields."""
+    path = resolve_sweep_path(path)
+    raw = _read(path)
+    hints = typing.get_type_hints(Sweep)
+    known = {f.name for f in fields(Sweep) if f.name != "path"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(known))}")
@@ -159,43 +188,25 @@ def load_sweep(path: str | Path) -> Sweep:
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r} (every sweep names "
                               f"{', '.join(_REQUIRED)})")
-    methods = _axis(path, "methods", raw["methods"], "a string")
-    datasets = _axis(path, "datasets", raw["datasets"], "a string")
-    for name in methods:
-        try:
-            get_method(name)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: key 'methods': {exc}") from None
-    for name in datasets:
-        if name not in DATASETS:
-            raise ConfigError(f"{path}: key 'datasets': unknown dataset {name!r}; "
-                              f"known: {', '.join(DATASETS)}")
-    seeds = _axis(path, "seeds", raw["seeds"], "an integer")
-    epochs = _axis(path, "epochs", raw["epochs"], "an integer")
-    if min(epochs) < 1:
-        raise ConfigError(f"{path}: key 'epochs' must be >= 1, got {raw['epochs']!r}")
-    options: dict[str, Any] = {}
-    for key, what in [("preset", "a string"), ("batch_size", "an integer"),
-                      ("device", "a string"), ("data_dir", "a string"),
-                      ("val_fraction", "a number"), ("target_acc", "a number"),
-                      ("max_retries", "an integer"), ("cpus_per_unit", "an integer"),
-                      ("units_per_gpu", "an integer"), ("inference_runs", "an integer"),
-                      ("keep_model", "a boolean"), ("description", "a string")]:
-        if key in raw:
-            if not _is(raw[key], what):
-                raise ConfigError(f"{path}: key {key!r} must be {what}, got {raw[key]!r}")
-            options[key] = raw[key]
-    for key in ("batch_size", "cpus_per_unit", "units_per_gpu", "inference_runs"):
-        if options.get(key, 1) < 1:
-            raise ConfigError(f"{path}: key {key!r} must be >= 1, got {options[key]}")
-    if options.get("max_retries", 0) < 0:
-        raise ConfigError(f"{path}: key 'max_retries' must be >= 0, got {options['max_retries']}")
-    if options.get("device", "auto") not in DEVICES:
-        raise ConfigError(f"{path}: key 'device' must be one of {', '.join(DEVICES)}, "
-                          f"got {options['device']!r}")
-    if not 0.0 <= options.get("val_fraction", 0.0) < 1.0:
-        raise ConfigError(f"{path}: key 'val_fraction' must be in [0, 1), "
-                          f"got {options['val_fraction']}")
+    values: dict[str, Any] = {}
+    for item in fields(Sweep):
+        key, hint = item.name, hints[item.name]
+        if key in ("path", "grid") or key not in raw:
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is tuple:  # a grid axis: a value or a list of them
+            values[key] = _axis(path, key, raw[key], (args[0],))
+        else:
+            kind = args[0] if args else hint
+            if not _fits(raw[key], kind):
+                raise ConfigError(f"{path}: key {key!r} must be {_WORDS[kind]}, got {raw[key]!r}")
+            values[key] = raw[key]
+        if "check" in item.metadata:
+            try:
+                item.metadata["check"](values[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: key {key!r}: {exc}") from None
+    methods = values["methods"]
     grid = raw.get("grid", {})
     if not isinstance(grid, dict) or not all(
             isinstance(t, dict) or (isinstance(t, list) and t and all(isinstance(i, dict) for i in t))
@@ -208,12 +219,12 @@ def load_sweep(path: str | Path) -> Sweep:
                               f"({', '.join(methods)})")
     checked = {
         method: tuple(
-            {key: _axis(path, f"grid.{method}.{key}", values, "a string, number or boolean")
-             for key, values in table.items()}
+            {key: _axis(path, f"grid.{method}.{key}", axis, (str, float, bool))
+             for key, axis in table.items()}
             for table in (tables if isinstance(tables, list) else [tables]))
         for method, tables in grid.items()
     }
-    sweep = Sweep(path, methods, datasets, seeds, epochs, grid=checked, **options)
+    sweep = Sweep(path, grid=checked, **values)
     sweep.units()  # every hyperparameter of every point is checked before anything runs
     return sweep
 
@@ -336,7 +347,7 @@ def drive(units: list[SweepUnit], pool: Pool, ctx: Context, max_retries: int,
 def driver_environment(device: torch.device) -> dict[str, Any]:
     """meta.json's provenance. On Ray the units' GPUs may be on other machines than the
     driver; each unit's worker.json then names the device it ran on."""
-    from benchmarks.cli import environment
+    from bpfree.provenance import environment
 
     if device.type == "cuda" and not torch.cuda.is_available():
         return {**environment(torch.device("cpu")), "device": "cuda",
@@ -344,21 +355,9 @@ def driver_environment(device: torch.device) -> dict[str, Any]:
     return environment(device)
 
 
-def _check_resumable(meta_path: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing meta.json, if the sweep folder was made with the same budget.
-
-    Grid axes may grow between invocations (new seeds, methods, values: new units), but the
-    budget all units share may not change under finished units.
-    """
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    for key in ("batch_size", "device", "data_dir", "val_fraction", "target_acc",
-                "inference_runs"):
-        if meta["spec"].get(key, Sweep.__dataclass_fields__[key].default) != spec[key]:
-            raise ConfigError(f"{meta_path.parent} was swept with {key}={meta['spec'].get(key)!r}, "
-                              f"this file says {spec[key]!r}; pass another --out DIR")
-    return meta
+# The budget every unit of a sweep folder shares: it may not change under finished units.
+# Grid axes may grow between invocations (new seeds, methods, values: new units).
+BUDGET_KEYS = ("batch_size", "device", "data_dir", "val_fraction", "target_acc", "inference_runs")
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
@@ -369,7 +368,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
 
     `gpu_resource` names the Ray resource a unit's GPU share is taken from: "GPU", or in
     tests a custom resource that stands in for a GPU on a machine without one."""
-    from benchmarks.harness import resolve_device
+    from bpfree.harness import resolve_device
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
@@ -406,20 +405,13 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
                       sweep.val_fraction, sweep.target_acc, threads, executor,
                       sweep.inference_runs, sweep.keep_model, fraction, gpu_resource)
 
-        spec = sweep.spec()
-        meta_path = sweep_dir / "meta.json"
-        meta = _check_resumable(meta_path, spec)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if meta is None:
-            meta = {"command": "bpfree " + " ".join(sys.argv[1:]), "spec": spec, "started": now,
-                    "resumed": [], **driver_environment(device)}
-        else:
-            meta["resumed"].append(now)
-            meta["spec"] = spec  # grid axes may have grown
         # torch_threads: of each unit (the driver's own count means nothing: it never trains)
-        meta.update(executor=executor, address=address, max_parallel=capacity,
-                    max_retries=retries, torch_threads=threads)
-        write_json(meta_path, meta)
+        start_run(sweep_dir, sweep.spec(), "bpfree " + " ".join(sys.argv[1:]),
+                  driver_environment(device), BUDGET_KEYS,
+                  defaults={f.name: f.default for f in fields(Sweep)},
+                  invocation={"executor": executor, "address": address,
+                              "max_parallel": capacity, "max_retries": retries,
+                              "torch_threads": threads})
 
         todo = [u for u in units if not unit_is_done(sweep_dir / "units" / u.id)]
         bar = Progress(len(units), len(units) - len(todo), capacity, progress)

@@ -16,21 +16,19 @@ preset needs no Ray.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from benchmarks.data import load_dataset
-from benchmarks.harness import TRAIN_SAMPLE, accuracy, batches, is_finite, resolve_device
-from benchmarks.records import write_json
-from methods import ConfigError, Task, get_method
-from methods.base import TUNED_PRESET
+from bpfree.data import load_dataset
+from bpfree.harness import batches, build_method, diverged, evaluate, resolve_device, train_epoch
+from bpfree.methods import ConfigError, get_method
+from bpfree.methods.base import TUNED_PRESET
+from bpfree.records import write_json
 
 TUNED_DIR = Path("results/tuned")
 TUNE_STORAGE = Path("results/runs/tune")  # Ray Tune's own trial folders (git-ignored)
@@ -65,6 +63,10 @@ class TrainVal:
     val_x: Tensor
     val_y: Tensor
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
 
 def tuning_split(name: str, data_dir: str | None, val_fraction: float) -> TrainVal:
     """Train and validation (carved from train, stratified, seed 0); the test split is
@@ -85,25 +87,18 @@ def trial(config: dict[str, Any], *, method: str, dataset: str, preset: str,
     data = tuning_split(dataset, data_dir, val_fraction)
     cls = get_method(method)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
-    sample = torch.randperm(len(train_x), generator=gen)[:TRAIN_SAMPLE].to(dev)
-    task = Task(tuple(train_x.shape[1:]), data.num_classes, dev, seed,
-                train_sample=(train_x[sample], train_y[sample]),
-                steps_per_epoch=math.ceil(len(train_x) / batch_size))
-    model = cls(task, cls.config_for(preset, {**fixed, **config}))
+    config = cls.config_for(preset, {**fixed, **config})
+    model, (train_x, train_y), _, _ = build_method(cls, config, data, seed, dev, batch_size)
     val_x, val_y = data.val_x.to(dev), data.val_y.to(dev)
+    first_loss = None
     for epoch in range(1, epochs + 1):
-        model.train()
-        losses = []
-        for idx in batches(len(train_x), batch_size, seed, epoch):
-            idx = idx.to(dev)
-            losses.append(model.train_step(train_x[idx], train_y[idx])["loss"])
-        diverged = not is_finite(torch.stack(losses))
-        val_acc = 0.0 if diverged else accuracy(model, val_x, val_y, 1000)
-        report({"val_acc": val_acc, "epoch": epoch, "diverged": diverged})
-        if diverged:
+        order = batches(len(train_x), batch_size, seed, epoch, dev)
+        means, _, first = train_epoch(model, train_x, train_y, order)
+        first_loss = first if first_loss is None else first_loss
+        blew_up = diverged(means, first_loss)
+        val_acc = 0.0 if blew_up else evaluate(model, val_x, val_y, 1000, 1, seed * 1_000 + epoch)[0]
+        report({"val_acc": val_acc, "epoch": epoch, "diverged": blew_up})
+        if blew_up:
             return
 
 
@@ -141,8 +136,8 @@ def tune_method(method: str, dataset: str, trials: int, epochs: int, preset: str
                 cpus_per_trial: int = 1, out_dir: Path = TUNED_DIR,
                 storage: Path = TUNE_STORAGE) -> tuple[Path, dict[str, Any]]:
     """Run the equal-budget search and write the chosen preset; returns (path, its content)."""
-    from benchmarks.cli import git_commit
-    from benchmarks.workers import start_ray
+    from bpfree.provenance import git_commit
+    from bpfree.workers import start_ray
 
     fixed = dict(fixed or {})
     cls = get_method(method)

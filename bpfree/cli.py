@@ -7,25 +7,20 @@ tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
-import os
-import platform
-import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from benchmarks.data import DATASETS, load_dataset
-from benchmarks.harness import Budget, Unit, resolve_device, run_units
-from benchmarks.records import merge_run, write_csv, write_json
-from benchmarks.suites import SUITES
-from methods import ConfigError, all_methods, get_method
-
-REPO = Path(__file__).resolve().parents[1]
+from bpfree import __version__, options
+from bpfree.data import DATASETS, load_dataset
+from bpfree.harness import Budget, Unit, resolve_device, run_units
+from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
+from bpfree.provenance import environment, git_commit
+from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
+from bpfree.reports.load import ReportError
+from bpfree.suites import SUITES
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -33,6 +28,11 @@ def cmd_list(args: argparse.Namespace) -> None:
     for name, cls in all_methods().items():
         print(f"  {name:<16} {cls.family:<18} {cls.description}")
         print(f"  {'':<16} presets: {', '.join(cls.presets)}")
+    broken = broken_modules()
+    if broken:
+        print("broken method modules (their methods are missing until fixed):")
+        for module, error in broken.items():
+            print(f"  {module:<16} {error}")
     print("datasets:")
     for name, info in DATASETS.items():
         print(f"  {name:<16} {info.description}")
@@ -71,53 +71,33 @@ def parse_sets(pairs: list[str], methods: list[str]) -> tuple[dict[str, str], di
     return preset, per_method
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# What a run folder's units all share: resuming with another value would mix two budgets.
+RUN_BUDGET = ("dataset", "data", "epochs", "batch_size", "device", "val_fraction", "target_acc",
+              "inference_runs")
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Everything a reader needs to judge a number: versions, device, threads, date."""
-    return {
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-
-
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
     suite = SUITES.get(args.suite or "quick")
     if suite is None:
         raise ConfigError(f"unknown suite {args.suite!r}; known: {', '.join(SUITES)}")
-    methods = args.methods.split(",") if args.methods else list(suite.methods or all_methods())
-    for name in methods:
-        get_method(name)
+    methods = options.check_methods(args.methods.split(",") if args.methods
+                                    else suite.methods or all_methods())
     dataset = args.dataset or suite.dataset
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    epochs = args.epochs if args.epochs is not None else suite.epochs
-    batch_size = args.batch_size if args.batch_size is not None else suite.batch_size
+    options.check_dataset(dataset)
+    epochs = options.at_least("--epochs", args.epochs if args.epochs is not None else suite.epochs)
+    batch_size = options.at_least("--batch-size", args.batch_size if args.batch_size is not None
+                                  else suite.batch_size)
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
-    if epochs < 1 or batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be >= 1")
+    options.check_seeds(seeds)
+    options.check_val_fraction(args.val_fraction)
+    options.check_target_acc(args.target_acc)
+    options.at_least("--inference-runs", args.inference_runs)
     preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
     preset = preset_set.get("preset", suite.preset)
-    from benchmarks.tune import resolve_preset  # preset=tuned: the tuned values, per dataset
+    from bpfree.tune import resolve_preset  # preset=tuned: the tuned values, per dataset
 
     units = [
         Unit(m, dataset, seed, preset,
@@ -128,13 +108,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     for unit in units:
         unit.config()  # every hyperparameter is checked before anything runs
     device = resolve_device(args.device)
-    if args.inference_runs < 1:
-        raise ConfigError(f"--inference-runs must be >= 1, got {args.inference_runs}")
     budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
                     target_accuracy=args.target_acc, inference_runs=args.inference_runs,
                     keep_model=args.save_model)
+    # The data is loaded (and checked) before any folder is made for it.
+    data = load_dataset(dataset, args.data_dir, args.download, args.val_fraction)
+    if batch_size > len(data.train_x):
+        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(data.train_x)} "
+                          f"training images: every epoch would be one short batch")
 
-    spec = {"methods": methods, "dataset": dataset, "seeds": seeds, "preset": preset,
+    spec = {"methods": list(methods), "dataset": dataset, "data": data.fingerprint(),
+            "seeds": list(seeds), "preset": preset,
             "sets": sorted(p for group in args.set for p in group), "epochs": epochs,
             "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
             "target_acc": args.target_acc, "inference_runs": args.inference_runs}
@@ -147,29 +131,27 @@ def cmd_run(args: argparse.Namespace) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to {run_dir} ({exc.strerror}); pass a writable --out DIR") from None
-
-    data = load_dataset(dataset, args.data_dir, args.download, args.val_fraction)
-    meta_path = run_dir / "meta.json"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {
-        "command": "bpfree " + " ".join(sys.argv[1:]), "spec": spec, "started": now, "resumed": [],
-        **environment(device)}
-    if meta["started"] != now:
-        meta["resumed"].append(now)
-    write_json(meta_path, meta)
+    start_run(run_dir, spec, "bpfree " + " ".join(sys.argv[1:]), environment(device), RUN_BUDGET)
 
     print(f"bpfree: {len(units)} unit(s) -> {run_dir}", file=sys.stderr)
-    run_units(units, {dataset: data}, budget, run_dir, progress=sys.stderr.isatty())
-    records, summary = merge_run(run_dir)
-    from reports.report import write_report
+    results = run_units(units, {dataset: data}, budget, run_dir, progress=sys.stderr.isatty())
+    merge_run(run_dir)
+    from bpfree.reports.report import write_report
 
     report_path, text = write_report([run_dir])
     print(text)
     print(f"records: {run_dir / 'records.csv'}\nsummary: {run_dir / 'summary.csv'}\nreport:  {report_path}")
+    failed = [r for r in results if r.summary.get("status") == Status.FAILED]
+    if failed:
+        print(f"bpfree: {len(failed)} of {len(units)} unit(s) failed: "
+              f"{', '.join(r.summary['unit'] for r in failed)} (see their failed.json)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from reports.report import parse_formats, write_report
+    from bpfree.reports.report import parse_formats, write_report
 
     path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
                               parse_formats(args.formats))
@@ -178,7 +160,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from benchmarks.evaluate import evaluate_run
+    from bpfree.evaluate import evaluate_run
 
     frame = evaluate_run(Path(args.run_dir), [p for group in args.set for p in group],
                          args.inference_runs, args.data_dir, args.device,
@@ -188,16 +170,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from benchmarks.check import BASELINE, run_check
+    from bpfree.check import default_baseline, run_check
 
-    return run_check(Path(args.baseline) if args.baseline else BASELINE, args.update)
+    return run_check(Path(args.baseline) if args.baseline else default_baseline(args.update),
+                     args.update)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from benchmarks.sweep import load_sweep, run_sweep
-    from reports.report import write_report
+    from bpfree.reports.report import write_report
+    from bpfree.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep)
     if args.data_dir:
@@ -222,7 +205,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
-    from benchmarks.step_cost import SHAPES, markdown, step_costs
+    from bpfree.cost import SHAPES, markdown, step_costs
 
     methods = args.methods.split(",")
     for name in methods:
@@ -253,7 +236,7 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from benchmarks.tune import TUNED_DIR, tune_method
+    from bpfree.tune import TUNED_DIR, tune_method
 
     preset, per_method = parse_sets([p for group in args.set for p in group], [args.method])
     if preset:
@@ -268,9 +251,24 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"tuned preset: {path}  (use it with `bpfree run --set preset=tuned`)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"bpfree {__version__} (commit {git_commit()})")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
     sub.add_parser("list", help="registered methods, datasets and suites").set_defaults(fn=cmd_list)
 
@@ -278,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suite", help=f"named suite ({', '.join(SUITES)}); default quick")
     run.add_argument("--methods", help="comma-separated method names (default: the suite's)")
     run.add_argument("--dataset", help="dataset name (default: the suite's)")
-    run.add_argument("--epochs", type=int)
+    run.add_argument("--epochs", type=int, help="epochs per unit (default: the suite's)")
     run.add_argument("--seeds", help="comma-separated integers, e.g. 0,1,2")
-    run.add_argument("--batch-size", type=int)
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--batch-size", type=int, help="training minibatch size (default: the suite's)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto: cuda when torch sees a GPU, else cpu")
     run.add_argument("--data-dir", help="folder holding the dataset's files")
     run.add_argument("--download", action="store_true", help="download the dataset into --data-dir")
     run.add_argument("--out", help="run folder (default results/runs/<suite>-<dataset>-<hash>)")
@@ -298,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     report = sub.add_parser("report", help="tables and plots from run folders")
-    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run or sweep folders; several are merged into one report")
     report.add_argument("--out", help="output folder (default RUN_DIR/report; needed for several runs)")
     report.add_argument("--formats", default="md,html,tex,csv",
                         help="comma-separated subset of md,html,tex,csv (default: all)")
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model) "
                                          "under other inference settings, without retraining")
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder trained with --save-model")
     ev.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
                     help="inference settings to try, every combination: inference_steps, "
                          "sampler, step (default: as trained)")
@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation passes averaged per setting (default 5, as the NoProp paper)")
     ev.add_argument("--methods", help="comma-separated: evaluate only these methods' units")
     ev.add_argument("--data-dir", help="folder holding the dataset's files")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda when torch sees a GPU, else cpu")
     ev.set_defaults(fn=cmd_evaluate)
 
     check = sub.add_parser("check", help="CI regression gate: deterministic metrics vs the baseline")
@@ -327,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--methods", required=True, help="comma-separated method names")
     cost.add_argument("--input", default="mnist", help="comma-separated input shapes: mnist (1x28x28, "
                                                        "10 classes), cifar (3x32x32, 100 classes)")
-    cost.add_argument("--batch-size", type=int, default=128)
+    cost.add_argument("--batch-size", type=int, default=128, help="images per training step")
     cost.add_argument("--repeats", type=int, default=10, help="timed steps after one warm-up")
-    cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cost.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="auto: cuda when torch sees a GPU, else cpu")
     cost.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                       help="hyperparameter overrides, as for run (preset=NAME; default quick)")
     cost.add_argument("--overhead-steps", type=int, default=0,
@@ -339,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     cost.set_defaults(fn=cmd_cost)
 
     sweep = sub.add_parser("sweep", help="run a sweep file's grid of units, resumably (docs/sweeps.md)")
-    sweep.add_argument("sweep", metavar="SWEEP.toml")
-    sweep.add_argument("--executor", default="local", choices=["local", "ray"])
+    sweep.add_argument("sweep", metavar="SWEEP.toml",
+                       help="a sweep file (docs/sweeps.md), or the name of a bundled one")
+    sweep.add_argument("--executor", default="local", choices=["local", "ray"],
+                       help="local worker processes, or tasks on a Ray cluster")
     sweep.add_argument("--address", help="Ray cluster to join (`auto`: the one `ray start` made); "
                                          "default: start a private local one")
     sweep.add_argument("--max-parallel", type=int,
@@ -356,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(fn=cmd_sweep)
 
     tune = sub.add_parser("tune", help="equal-budget hyperparameter search on a validation split")
-    tune.add_argument("method")
-    tune.add_argument("--dataset", required=True)
+    tune.add_argument("method", help="the method to tune (see `bpfree list`)")
+    tune.add_argument("--dataset", required=True, help="dataset name (see `bpfree list`)")
     tune.add_argument("--trials", type=int, default=20, help="trials (the same for every method; default 20)")
     tune.add_argument("--epochs", type=int, default=5, help="epochs per trial, ASHA's max_t (default 5)")
     tune.add_argument("--preset", default="default", help="preset the search starts from")
@@ -365,22 +369,53 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hyperparameters fixed during the search")
     tune.add_argument("--val-fraction", type=float, default=0.1,
                       help="validation split carved from train, the selection signal (default 0.1)")
-    tune.add_argument("--batch-size", type=int, default=128)
-    tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tune.add_argument("--batch-size", type=int, default=128, help="training minibatch size")
+    tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="auto: cuda when torch sees a GPU, else cpu")
     tune.add_argument("--seed", type=int, default=0, help="seeds the trials and the random search")
     tune.add_argument("--data-dir", help="folder holding the dataset's files")
     tune.add_argument("--address", help="Ray cluster to join (default: start a private local one)")
-    tune.add_argument("--cpus-per-trial", type=int, default=1)
+    tune.add_argument("--cpus-per-trial", type=int, default=1,
+                      help="CPUs (torch threads) each trial asks Ray for")
     tune.add_argument("--out", help="folder for the tuned preset (default results/tuned)")
     tune.set_defaults(fn=cmd_tune)
     return parser
 
 
+def hoist_sets(argv: list[str]) -> list[str]:
+    """Move every `--set` and its KEY=VALUE words to the end of the command line.
+
+    `--set` takes any number of words, so argparse would also swallow a positional argument
+    written after it (`bpfree evaluate --set sampler=mean RUN`); only words holding `=` are
+    its values, and the rest stay where they were.
+    """
+    rest: list[str] = []
+    sets: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word != "--set":
+            rest.append(word)
+            continue
+        sets.append(word)
+        for value in words:
+            if "=" in value and not value.startswith("-"):
+                sets.append(value)
+            else:
+                rest.append(value)
+                break
+    return rest + sets
+
+
+USER_ERRORS = (ConfigError, RecordsError, ReportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb. Exit codes: 0 everything finished; 1 some unit failed, or the gate
+    failed; 2 a usage error (one line on stderr naming the problem and the fix)."""
+    args = build_parser().parse_args(hoist_sets(sys.argv[1:] if argv is None else argv))
     try:
         code = args.fn(args)
-    except ConfigError as exc:
+    except USER_ERRORS as exc:
         print(f"bpfree: error: {exc}", file=sys.stderr)
         return 2
     return code or 0

@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from benchmarks.harness import measure_costs
-from benchmarks.measure import synchronize
-from methods import Method, Task, get_method
-from methods.base import GRAPH_WARMUP
+from bpfree.harness import measure_costs
+from bpfree.measure import synchronize
+from bpfree.methods import Method, Task, get_method
+from bpfree.methods.base import GRAPH_WARMUP
 
 # Input shape and number of classes of the datasets whose cost we compare.
 SHAPES = {"mnist": ((1, 28, 28), 10), "cifar": ((3, 32, 32), 100)}
@@ -100,7 +100,7 @@ def harness_overhead(method: Method, x: Tensor, y: Tensor, device: torch.device,
     batches into the data, summing diagnostics as in a run. Rounds alternate the two, and
     each keeps its best round, so that a noisy machine slows both alike.
     """
-    from benchmarks.harness import train_epoch
+    from bpfree.harness import train_epoch
 
     n = len(x)
     data_x = x.repeat(steps, *([1] * (x.dim() - 1)))

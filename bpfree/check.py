@@ -14,21 +14,35 @@ method is gated as soon as it is registered (after its baseline row is added wit
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from benchmarks.data import Dataset, load_dataset
-from benchmarks.harness import Budget, Unit, run_unit
-from benchmarks.records import write_csv
-from methods import ConfigError, all_methods
+from bpfree.data import Dataset, load_dataset
+from bpfree.harness import Budget, Unit, run_unit
+from bpfree.methods import ConfigError, all_methods, broken_modules
+from bpfree.provenance import source_checkout
+from bpfree.records import write_csv
 
-REPO = Path(__file__).resolve().parents[1]
-BASELINE = REPO / "results" / "baseline" / "ci.csv"
+# The baseline shipped with the package (bpfree.results); in a clone, the repository's file.
+BASELINE = Path(str(files("bpfree.results") / "baseline" / "ci.csv"))
+
+
+def default_baseline(update: bool) -> Path:
+    """The baseline to compare with, or with `update` to rewrite: the shipped one, which in
+    a clone (an editable install) is the repository's results/baseline/ci.csv. An installed
+    wheel's copy lives in site-packages and is not to be rewritten: pass --baseline."""
+    if update and source_checkout() is None:
+        raise ConfigError("bpfree check --update rewrites a baseline file: pass --baseline PATH "
+                          "(this bpfree is installed, not a clone, so its own copy is read-only)")
+    return BASELINE
 
 
 @dataclass(frozen=True)
@@ -98,12 +112,18 @@ def measure_method(name: str, data: Dataset, budget: GateBudget = BUDGET) -> dic
     return row
 
 
-def measure_all(budget: GateBudget = BUDGET) -> pd.DataFrame:
+def measure_all(budget: GateBudget = BUDGET,
+                progress: Callable[[str], None] | None = None) -> pd.DataFrame:
     """One row per registered method, in registry order. A method that raises gets a row with
-    its `error` and no metrics, so it is reported next to the others instead of ending the run."""
+    its `error` and no metrics, so it is reported next to the others instead of ending the run;
+    a method module that does not import at all gets one too."""
     data = gate_data(budget)
-    rows = []
-    for name in all_methods():
+    rows = [{"method": f"<module {module}>", "error": error}
+            for module, error in broken_modules().items()]
+    names = list(all_methods())
+    for i, name in enumerate(names, 1):
+        if progress:
+            progress(f"[{i}/{len(names)}] {name}")
         try:
             rows.append({**measure_method(name, data, budget), "error": ""})
         except Exception as exc:  # a failing row of the gate, with its cause
@@ -196,17 +216,46 @@ def format_changes(changes: list[Change]) -> str:
     return "\n".join(lines)
 
 
+def read_baseline(path: Path) -> pd.DataFrame:
+    """The baseline table, checked: one ConfigError naming the file and what is wrong."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ConfigError(f"{path}: not a baseline CSV ({str(exc).strip().splitlines()[0]}); "
+                          f"regenerate it with `bpfree check --update --baseline {path}`") from None
+    missing = [c for c in ("method", *METRICS) if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path}: the baseline lacks the column(s) {', '.join(missing)}; "
+                          f"regenerate it with `bpfree check --update --baseline {path}`")
+    bad = [c for c in METRICS
+           if (pd.to_numeric(table[c], errors="coerce").isna() & table[c].notna()).any()]
+    if bad:
+        raise ConfigError(f"{path}: column(s) {', '.join(bad)} hold non-numbers; regenerate it "
+                          f"with `bpfree check --update --baseline {path}`")
+    return table
+
+
 def run_check(baseline_path: Path = BASELINE, update: bool = False) -> int:
     """Measure, compare with the baseline and print what changed; 0 passes, 1 fails the gate.
     With `update`, write the measurements as the new baseline (unless a method failed)."""
     if not update and not baseline_path.is_file():
         raise ConfigError(f"baseline {baseline_path} not found; create it with "
                           f"`bpfree check --update --baseline {baseline_path}`")
+    # Read before the minutes of measuring: a bad file is reported at once.
+    baseline = read_baseline(baseline_path) if baseline_path.is_file() else None
+    if update:
+        try:
+            baseline_path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(baseline_path.parent, os.W_OK):
+                raise PermissionError
+        except OSError:
+            raise ConfigError(f"cannot write the baseline to {baseline_path}; pass a writable "
+                              f"--baseline PATH") from None
     print(f"bpfree check: measuring {len(all_methods())} method(s) on CPU, {asdict(BUDGET)}",
           flush=True)
-    current = measure_all()
-    if baseline_path.is_file():
-        changes = compare(current, pd.read_csv(baseline_path))
+    current = measure_all(progress=lambda line: print(f"bpfree check: {line}", flush=True))
+    if baseline is not None:
+        changes = compare(current, baseline)
     else:  # the first --update: nothing to compare with
         changes = measurement_failures(current)
     if changes:

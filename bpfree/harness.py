@@ -31,17 +31,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks import measure
-from benchmarks.data import DATASETS, Dataset
-from benchmarks.records import (
-    SCHEMA_VERSION,
-    load_checkpoint,
-    save_checkpoint,
-    unit_is_done,
-    write_csv,
-    write_json,
-)
-from methods import HParams, Method, Task, get_method
+from bpfree import measure
+from bpfree.checkpoints import load_checkpoint, save_checkpoint
+from bpfree.data import DATASETS, Dataset
+from bpfree.methods import HParams, Method, Task, get_method
+from bpfree.records import SCHEMA_VERSION, Status, unit_is_done, write_csv, write_json
 
 TRAIN_SAMPLE = 2000  # training examples shown to data-dependent initialisers
 TRAIN_EVAL = 10000  # training examples on which train accuracy is measured each epoch
@@ -91,7 +85,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from methods import ConfigError
+        from bpfree.methods import ConfigError
 
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
@@ -134,29 +128,45 @@ def batches(n: int, batch_size: int, seed: int, epoch: int,
 
 
 def train_epoch(method: Method, x: Tensor, y: Tensor, order: list[Tensor]
-                ) -> tuple[dict[str, Tensor], float]:
+                ) -> tuple[dict[str, Tensor], float, float]:
     """One epoch of `method.step` over the minibatches `order`: the timed region.
 
-    Returns the per-step mean of every diagnostic the method returns (still on the device)
-    and the seconds the epoch took between two device synchronisations. Nothing in the loop
-    waits for the device: diagnostics are summed as tensors and read after the clock stops.
+    Returns the per-step mean of every diagnostic the method returns (still on the device),
+    the seconds the epoch took between two device synchronisations, and the loss of its first
+    step (read after the clock stops). Nothing in the loop waits for the device: diagnostics
+    are summed as tensors.
     """
     device = x.device
     method.train()
     sums: dict[str, Tensor] = {}
+    first: Tensor | None = None
     measure.synchronize(device)
     start = time.perf_counter()
     for idx in order:
         for key, value in method.step(x[idx], y[idx]).items():
             sums[key] = sums[key] + value if key in sums else value.detach().clone()
+        if first is None:
+            first = sums["loss"].clone()
     measure.synchronize(device)
     seconds = time.perf_counter() - start
-    return {k: v / len(order) for k, v in sums.items()}, seconds
+    return {k: v / len(order) for k, v in sums.items()}, seconds, float(first)
 
 
-def diverged(means: dict[str, Tensor]) -> bool:
-    """Whether an epoch's mean diagnostics say training blew up: any of them is not finite."""
-    return not all(is_finite(v) for v in means.values())
+# An epoch whose mean loss exceeds this many times the magnitude of the unit's very first
+# step loss has diverged, even if every number is still finite (a loss of 1e22 is not a
+# result). Large enough that no method that learns crosses it: a loss at initialisation is
+# the largest a sane run sees.
+DIVERGENCE_FACTOR = 1e3
+
+
+def diverged(means: dict[str, Tensor], first_loss: float | None = None) -> bool:
+    """Whether an epoch's mean diagnostics say training blew up: one of them is not finite,
+    or the mean loss is above DIVERGENCE_FACTOR times the first step's (docs/records.md)."""
+    if not all(is_finite(v) for v in means.values()):
+        return True
+    if first_loss is None or not math.isfinite(first_loss) or "loss" not in means:
+        return False
+    return abs(float(means["loss"])) > DIVERGENCE_FACTOR * max(abs(first_loss), 1e-8)
 
 
 @torch.no_grad()
@@ -282,16 +292,33 @@ def build_method(cls: type[Method], config: HParams, data: Dataset, seed: int,
     return method, (train_x, train_y), eval_idx, diag_idx
 
 
-def run_unit(
-    unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool = False
-) -> UnitResult:
-    """Train and measure one unit, resuming from its checkpoint if one exists."""
-    device = resolve_device(budget.device)
-    cls = get_method(unit.method)
-    config = unit.config()
-    info = DATASETS.get(data.name)
-    target = budget.target_accuracy or (info.target_accuracy if info else None)
-    identity = {
+@dataclass
+class Setup:
+    """A unit ready to train: its method and the data splits it uses, on its device."""
+
+    method: Method
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor] | None
+    eval_idx: Tensor  # the training images whose accuracy is recorded as train_acc
+    diag_idx: Tensor  # the fixed batch the method's diagnostics are computed on
+    device: torch.device
+
+
+@dataclass
+class Progress:
+    """What a unit has done so far: saved in its checkpoint after every epoch."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    cum_time: float = 0.0
+    images: int = 0
+    first_loss: float | None = None  # the loss of the unit's first step, for `diverged`
+
+
+def identity(unit: Unit, cls: type[Method], config: HParams, data: Dataset, budget: Budget,
+             device: torch.device) -> dict[str, Any]:
+    """unit.json: what the unit is and the budget it trains with."""
+    return {
         "schema": SCHEMA_VERSION,
         "unit": unit.id,
         "method": unit.method,
@@ -305,121 +332,147 @@ def run_unit(
         "device": str(device),
         "inference_runs": budget.inference_runs,
     }
-    (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
-    write_json(unit_dir / "unit.json", identity)
 
-    method, (train_x, train_y), eval_idx, diag_idx = build_method(
-        cls, config, data, unit.seed, device, budget.batch_size)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+
+def prepare(unit: Unit, data: Dataset, budget: Budget, device: torch.device) -> Setup:
+    method, train, eval_idx, diag_idx = build_method(
+        get_method(unit.method), unit.config(), data, unit.seed, device, budget.batch_size)
+    test = (data.test_x.to(device), data.test_y.to(device))
     val = (data.val_x.to(device), data.val_y.to(device)) if data.val_x is not None else None
+    return Setup(method, train, test, val, eval_idx, diag_idx, device)
 
-    first = batches(len(train_x), budget.batch_size, unit.seed, 0, device)[0]
-    costs = measure_costs(method, train_x[first], train_y[first], device)
-    with preserved_rng(device):
-        warm = copy.deepcopy(method)
+
+def warm_up(setup: Setup, x: Tensor, y: Tensor, steps: int) -> None:
+    """Kernel selection and lazy state on a copy, with the RNG restored: nothing learned."""
+    with preserved_rng(setup.device):
+        warm = copy.deepcopy(setup.method)
         warm.train()
-        for _ in range(budget.warmup_steps):
-            warm.step(train_x[first], train_y[first])
-        measure.synchronize(device)
-        del warm
+        for _ in range(steps):
+            warm.step(x, y)
+        measure.synchronize(setup.device)
 
+
+def resume(unit_dir: Path, setup: Setup) -> Progress:
+    """The unit's progress from its checkpoint (method, RNG, rows), or a fresh start."""
     checkpoint = load_checkpoint(unit_dir / "checkpoint.pt")
-    rows: list[dict[str, Any]] = []
-    cum_time, images, status = 0.0, 0, "finished"
-    if checkpoint is not None:
-        method.load_state_dict(checkpoint["method"])
-        rows, cum_time, images = checkpoint["rows"], checkpoint["cum_time"], checkpoint["images"]
-        set_rng_state(checkpoint["rng"], device)
+    if checkpoint is None:
+        return Progress()
+    setup.method.load_state_dict(checkpoint["method"])
+    set_rng_state(checkpoint["rng"], setup.device)
+    return Progress(checkpoint["rows"], checkpoint["cum_time"], checkpoint["images"],
+                    checkpoint.get("first_loss"))
 
-    epochs = tqdm(
-        range(len(rows), budget.epochs), desc=unit.id, disable=not progress, leave=False,
-        initial=len(rows), total=budget.epochs,
-    )
-    for epoch in epochs:
-        order = batches(len(train_x), budget.batch_size, unit.seed, epoch + 1, device)
-        means, seconds = train_epoch(method, train_x, train_y, order)
-        cum_time += seconds
-        images += len(train_x)
-        diagnostics = {f"train_{k}": v.item() for k, v in means.items()}
-        if diverged(means):
-            status = "diverged"
-        eval_start = time.perf_counter()
-        eval_seed = unit.seed * 1_000 + epoch + 1
-        tests = evaluate(method, test_x, test_y, budget.eval_batch_size, budget.inference_runs,
-                         eval_seed)
-        test_acc, test_se = mean_and_se(tests)
-        vals = (evaluate(method, *val, budget.eval_batch_size, budget.inference_runs, eval_seed)
-                if val else [float("nan")])
-        train_acc = evaluate(method, train_x[eval_idx], train_y[eval_idx],
-                             budget.eval_batch_size, 1, eval_seed)[0]
-        eval_time = time.perf_counter() - eval_start
-        rows.append(
-            {
-                "unit": unit.id,
-                "method": unit.method,
-                "dataset": data.name,
-                "seed": unit.seed,
-                "epoch": epoch + 1,
-                "train_acc": train_acc,
-                "test_acc": test_acc,
-                "test_acc_se": test_se,
-                "val_acc": mean_and_se(vals)[0],
-                "val_acc_se": mean_and_se(vals)[1],
-                "inference_runs": len(tests),
-                "epoch_time_s": seconds,
-                "eval_time_s": eval_time,
-                "cum_time_s": cum_time,
-                "cum_train_flops": costs["flops_train_step"] / budget.batch_size * images,
-                **diagnostics,
-            }
-        )
-        if status != "diverged":
-            diag_x, diag_y = train_x[diag_idx], train_y[diag_idx]
-            rows[-1].update(method_diagnostics(method, diag_x, diag_y, device))
-        write_csv(unit_dir / "records.csv", pd.DataFrame(rows))
-        if status == "diverged":
-            break
-        save_checkpoint(
-            unit_dir / "checkpoint.pt",
-            {"method": method.state_dict(), "rows": rows, "cum_time": cum_time,
-             "images": images, "rng": rng_state(device)},
-        )
-        epochs.set_postfix(test_acc=f"{test_acc:.4f}")
 
-    records = pd.DataFrame(rows)
-    reached = records[records["test_acc"] >= target] if target and len(records) else records.iloc[:0]
-    if budget.keep_model:
-        save_checkpoint(unit_dir / "model.pt", {"model": method.model.state_dict()})
-    summary = {
-        **identity,
-        "step_mode": method.step_mode,
-        "status": status,
+def save_progress(unit_dir: Path, setup: Setup, progress: Progress) -> None:
+    save_checkpoint(unit_dir / "checkpoint.pt", {
+        "method": setup.method.state_dict(), "rows": progress.rows,
+        "cum_time": progress.cum_time, "images": progress.images,
+        "first_loss": progress.first_loss, "rng": rng_state(setup.device)})
+
+
+def evaluate_epoch(setup: Setup, budget: Budget, seed: int) -> dict[str, Any]:
+    """Test, validation and train-subset accuracy after an epoch (outside the timed region)."""
+    start = time.perf_counter()
+    method, runs, batch = setup.method, budget.inference_runs, budget.eval_batch_size
+    tests = evaluate(method, *setup.test, batch, runs, seed)
+    vals = evaluate(method, *setup.val, batch, runs, seed) if setup.val else [float("nan")]
+    train_x, train_y = setup.train
+    train_acc = evaluate(method, train_x[setup.eval_idx], train_y[setup.eval_idx], batch, 1,
+                         seed)[0]
+    (test_acc, test_se), (val_acc, val_se) = mean_and_se(tests), mean_and_se(vals)
+    return {"train_acc": train_acc, "test_acc": test_acc, "test_acc_se": test_se,
+            "val_acc": val_acc, "val_acc_se": val_se, "inference_runs": len(tests),
+            "eval_time_s": time.perf_counter() - start}
+
+
+def summarise(ident: dict[str, Any], setup: Setup, progress: Progress, status: Status,
+              costs: dict[str, Any], target: float | None) -> dict[str, Any]:
+    """summary.json: the unit's numbers to report, from its epochs and its costs."""
+    rows, cum_time = progress.rows, progress.cum_time
+    last = rows[-1] if rows else {}
+    reached = [r["cum_time_s"] for r in rows if target and r["test_acc"] >= target]
+    nan = float("nan")
+    return {
+        **ident,
+        "step_mode": setup.method.step_mode,
+        "status": status.value,
         "epochs_done": len(rows),
-        "final_test_acc": rows[-1]["test_acc"] if rows else float("nan"),
-        "final_test_acc_se": rows[-1]["test_acc_se"] if rows else float("nan"),
-        "best_test_acc": max(r["test_acc"] for r in rows) if rows else float("nan"),
-        "final_train_acc": rows[-1]["train_acc"] if rows else float("nan"),
-        "final_val_acc": rows[-1]["val_acc"] if rows else float("nan"),
+        "final_test_acc": last.get("test_acc", nan),
+        "final_test_acc_se": last.get("test_acc_se", nan),
+        "best_test_acc": max((r["test_acc"] for r in rows), default=nan),
+        "final_train_acc": last.get("train_acc", nan),
+        "final_val_acc": last.get("val_acc", nan),
         "train_time_s": cum_time,
         "time_per_epoch_s": cum_time / max(len(rows), 1),
-        "throughput_img_s": images / cum_time if cum_time > 0 else float("nan"),
+        "throughput_img_s": progress.images / cum_time if cum_time > 0 else nan,
         "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in rows),
         "target_acc": target,
-        "time_to_target_s": float(reached["cum_time_s"].iloc[0]) if len(reached) else float("nan"),
+        "time_to_target_s": reached[0] if reached else nan,
         **costs,
         "process_peak_rss_bytes": measure.process_peak_rss_bytes(),
     }
+
+
+def run_unit(
+    unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool = False
+) -> UnitResult:
+    """Train and measure one unit, resuming from its checkpoint if one exists."""
+    device = resolve_device(budget.device)
+    info = DATASETS.get(data.name)
+    target = budget.target_accuracy or (info.target_accuracy if info else None)
+    ident = identity(unit, get_method(unit.method), unit.config(), data, budget, device)
+    (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
+    write_json(unit_dir / "unit.json", ident)
+
+    setup = prepare(unit, data, budget, device)
+    train_x, train_y = setup.train
+    first = batches(len(train_x), budget.batch_size, unit.seed, 0, device)[0]
+    costs = measure_costs(setup.method, train_x[first], train_y[first], device)
+    warm_up(setup, train_x[first], train_y[first], budget.warmup_steps)
+    done = resume(unit_dir, setup)
+
+    status = Status.FINISHED
+    bar = tqdm(range(len(done.rows), budget.epochs), desc=unit.id, disable=not progress,
+               leave=False, initial=len(done.rows), total=budget.epochs)
+    for epoch in bar:
+        order = batches(len(train_x), budget.batch_size, unit.seed, epoch + 1, device)
+        means, seconds, first_loss = train_epoch(setup.method, train_x, train_y, order)
+        done.first_loss = first_loss if done.first_loss is None else done.first_loss
+        done.cum_time += seconds
+        done.images += len(train_x)
+        row = {"unit": unit.id, "method": unit.method, "dataset": data.name, "seed": unit.seed,
+               "epoch": epoch + 1,
+               **evaluate_epoch(setup, budget, seed=unit.seed * 1_000 + epoch + 1),
+               "epoch_time_s": seconds, "cum_time_s": done.cum_time,
+               "cum_train_flops": costs["flops_train_step"] / budget.batch_size * done.images,
+               **{f"train_{k}": v.item() for k, v in means.items()}}
+        if diverged(means, done.first_loss):
+            status = Status.DIVERGED
+        else:
+            row.update(method_diagnostics(setup.method, train_x[setup.diag_idx],
+                                          train_y[setup.diag_idx], device))
+        done.rows.append(row)
+        write_csv(unit_dir / "records.csv", pd.DataFrame(done.rows))
+        if status == Status.DIVERGED:
+            break
+        save_progress(unit_dir, setup, done)
+        bar.set_postfix(test_acc=f"{row['test_acc']:.4f}")
+
+    if budget.keep_model:
+        save_checkpoint(unit_dir / "model.pt", {"model": setup.method.model.state_dict()})
+    summary = summarise(ident, setup, done, status, costs, target)
     write_json(unit_dir / "summary.json", summary)
     (unit_dir / "checkpoint.pt").unlink(missing_ok=True)
-    return UnitResult(records, summary)
+    return UnitResult(pd.DataFrame(done.rows), summary)
 
 
 def run_units(
     units: list[Unit], data: dict[str, Dataset], budget: Budget, run_dir: Path,
     progress: bool = False,
 ) -> list[UnitResult]:
-    """Run every unit not yet done; a unit that raises is recorded as failed and the rest go on."""
-    from benchmarks.records import merge_run
+    """Run every unit not yet done; a unit that raises is recorded as failed and the rest go on.
+    Returns the result of every unit run now, failed ones included (status `failed`)."""
+    from bpfree.records import merge_run
 
     results = []
     for unit in tqdm(units, desc="units", disable=not progress):
@@ -433,10 +486,11 @@ def run_units(
         except Exception as exc:  # a broken unit must not stop the sweep; record why
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            identity = {"unit": unit.id, "method": unit.method, "dataset": unit.dataset,
-                        "seed": unit.seed, "preset": unit.preset}
-            write_json(unit_dir / "failed.json",
-                       {**identity, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            failure = {"unit": unit.id, "method": unit.method, "dataset": unit.dataset,
+                       "seed": unit.seed, "preset": unit.preset, "status": Status.FAILED.value,
+                       "error": f"{type(exc).__name__}: {exc}"}
+            write_json(unit_dir / "failed.json", failure)
+            results.append(UnitResult(pd.DataFrame(), failure))
         merge_run(run_dir)
     merge_run(run_dir)
     return results

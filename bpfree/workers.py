@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from benchmarks.data import Dataset, load_dataset
-from benchmarks.harness import Budget, run_unit
-from benchmarks.records import write_json
-from methods import ConfigError
+from bpfree.data import Dataset, load_dataset
+from bpfree.harness import Budget, run_unit
+from bpfree.methods import ConfigError
+from bpfree.records import write_json
 
 if TYPE_CHECKING:
-    from benchmarks.sweep import SweepUnit
+    from bpfree.sweep import SweepUnit
 
 
 # --- one attempt of one unit, in a worker process --------------------------------------------
@@ -164,7 +164,7 @@ class LocalPool:
         self.mp = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
                                  else "spawn")
         if self.mp.get_start_method() == "forkserver":
-            self.mp.set_forkserver_preload(["benchmarks.sweep", "benchmarks.workers"])
+            self.mp.set_forkserver_preload(["bpfree.sweep", "bpfree.workers"])
         self.gpus = torch.cuda.device_count() if ctx.device == "cuda" else 0
         self.slots = [_Slot() for _ in range(capacity)]
 
@@ -289,6 +289,14 @@ def start_ray(address: str | None) -> bool:
         return False
     # address="local" always starts a new cluster; a bare ray.init() would silently join any
     # cluster someone else started on this machine.
-    ray.init(address=address or "local", include_dashboard=False if not address else None,
-             log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address or "local", include_dashboard=False if not address else None,
+                 log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        if not address:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot join the Ray cluster at {address!r} ({first}); check the "
+                          f"address, and for a cluster with token authentication set "
+                          f"RAY_AUTH_MODE=token and its token") from None
     return True

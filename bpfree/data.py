@@ -12,6 +12,7 @@ No augmentation is applied (the NoProp paper does not mention any); inputs are s
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from methods.base import ConfigError
+from bpfree.methods.base import ConfigError
 
 
 class DataError(ConfigError):
@@ -43,6 +44,22 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A short hash of what the splits hold (sizes, every label, a sample of the pixels):
+        a run folder records it, so resuming it on other data is refused, whatever the files
+        are called or wherever they live."""
+        digest = hashlib.sha1()
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y, self.val_x, self.val_y):
+            if t is None:
+                digest.update(b"-")
+                continue
+            digest.update(str(tuple(t.shape)).encode())
+            flat = t.detach().cpu().reshape(-1)
+            digest.update(flat[:: max(1, flat.numel() // 4096)].contiguous().numpy().tobytes())
+            if t.dtype == torch.long:
+                digest.update(flat.numpy().tobytes())
+        return digest.hexdigest()[:12]
 
     def to(self, device: torch.device) -> Dataset:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -23,11 +23,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.data import load_dataset
-from benchmarks.harness import build_method, evaluate, mean_and_se, resolve_device
-from benchmarks.records import unit_dirs, write_csv
-from methods import ConfigError, get_method
-from methods.base import make_config
+from bpfree.data import load_dataset
+from bpfree.harness import build_method, evaluate, mean_and_se, resolve_device
+from bpfree.methods import ConfigError, get_method
+from bpfree.methods.base import make_config
+from bpfree.records import unit_dirs, write_csv
 
 # Settings that change inference only: anything else would not match the trained weights.
 INFERENCE_KEYS = ("inference_steps", "sampler", "step")
