@@ -21,8 +21,6 @@ from bpfree.methods.forward_only import ForwardForward, Pepita, hinton_gain, rms
 from torch import Tensor
 
 from bpfree import measure
-from bpfree.data import Dataset, make_separable
-from bpfree.harness import Budget, Unit, run_units
 from tests.conftest import make_method
 from tests.test_methods_contract import train
 
@@ -373,21 +371,6 @@ def test_resumed_method_continues_its_schedule_exactly(name, separable):
     lrs = [[g["lr"] for opt in m.optimizers.values() for g in opt.param_groups] for m in (a, b)]
     assert lrs[0] == lrs[1]
     assert lrs[0][0] < overrides.get("lr", 0.1) / 2, "the schedule should have moved the lr"
-
-
-def test_harness_tells_methods_the_epoch_length(tmp_path, monkeypatch):
-    seen = []
-    original = Pepita.__init__
-
-    def spy(self, task, config):
-        seen.append(task.steps_per_epoch)
-        original(self, task, config)
-
-    monkeypatch.setattr(Pepita, "__init__", spy)
-    data = {"synthetic": Dataset("synthetic", 4, *make_separable(100, 20, 4, (1, 16, 16), seed=2))}
-    run_units([Unit("pepita", "synthetic", 0, "quick")], data,
-              Budget(epochs=1, batch_size=30, warmup_steps=0), tmp_path)
-    assert seen == [4]  # ceil(100 / 30)
 
 
 def test_ff_rejects_inputs_smaller_than_the_label():

@@ -118,3 +118,19 @@ def test_warm_up_and_measurement_do_not_change_what_is_learned(tmp_path, tiny):
     run_units([UNIT], tiny, Budget(epochs=3, batch_size=32, warmup_steps=4), tmp_path / "b")
     a, b = (pd.read_csv(tmp_path / r / "records.csv")["test_acc"] for r in "ab")
     assert a.tolist() == b.tolist()
+
+
+def test_harness_tells_methods_the_epoch_length(tmp_path, monkeypatch):
+    """Methods with a schedule in epochs (feedback alignment's, PEPITA's) learn how many steps
+    an epoch has: ceil(training images / batch size)."""
+    seen = []
+    original = Backprop.__init__
+
+    def spy(self, task, config):
+        seen.append(task.steps_per_epoch)
+        original(self, task, config)
+
+    monkeypatch.setattr(Backprop, "__init__", spy)
+    data = {"synthetic": Dataset("synthetic", 4, *make_separable(100, 20, 4, (1, 16, 16), seed=2))}
+    run_units([UNIT], data, Budget(epochs=1, batch_size=30, warmup_steps=0), tmp_path)
+    assert seen and set(seen) == {4}  # ceil(100 / 30), for the method and its measured copies
