@@ -17,6 +17,11 @@ Phases, each in its own process and bounded by what is left of the budget:
 5. `evaluate`: the kept models under other inference settings (samplers, steps).
 6. `report`: `bpfree report` of the sweep.
 
+bpfree need not be installed there (the device image has torch but cannot fetch
+setuptools-scm to build it): if `bpfree.methods` does not import, the script links methods/,
+reports/ and results/ into bpfree/ (untracked symbolic links, so the commit stays clean) and
+runs everything with the repository root on PYTHONPATH, so provenance still reads this clone.
+
 Everything written goes under OUT/work, and OUT/results.tar.gz is refreshed after every phase,
 so that a run stopped at its time limit still returns what it measured. A log of every phase
 (command, seconds, exit code, output tail) is OUT/work/phases.json.
@@ -95,6 +100,20 @@ class Phases:
         tmp.replace(self.out / "results.tar.gz")
 
 
+def ensure_importable() -> None:
+    """Make `bpfree` importable from this clone without installing it (see above)."""
+    probe = [sys.executable, "-c", "import bpfree.methods, bpfree.reports, bpfree.results"]
+    if subprocess.run(probe, cwd=REPO, capture_output=True).returncode == 0:
+        return
+    for folder in ("methods", "reports", "results"):
+        link = REPO / "bpfree" / folder
+        if not link.exists():
+            link.symlink_to(Path("..") / folder)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    subprocess.run(probe, cwd=REPO, check=True)
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "bpfree.cli", *args]
 
@@ -136,6 +155,7 @@ def main() -> int:
     phases = Phases(out, args.budget_s)
     work = phases.work
     data = str(Path(args.data_dir).resolve())
+    ensure_importable()
 
     phases.run("env", ["bash", "-c", "nvidia-smi; python3 -c 'import torch, sys; "
                        "print(sys.version, torch.__version__, torch.version.cuda)'; "
