@@ -333,9 +333,8 @@ def _block_estimates(
 
 @dataclass
 class ActivityConfig(ForwardGradientConfig):
-    """As `ForwardGradientConfig`, with a smaller default lr: with one tangent per step and AdamW
-    at 1e-3, fg-a's and lg-fg-a's MNIST test accuracy fell by 7-17 points from its best within 3
-    epochs (seed 0); at 3e-4 it rose to 84-85% (docs/forward_gradient.md)."""
+    """As `ForwardGradientConfig`, with a smaller default lr: with one tangent per step, AdamW
+    at 1e-3 was unstable on MNIST (the runs behind the choice: docs/forward_gradient.md)."""
 
     lr: float = 3e-4
 

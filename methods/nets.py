@@ -26,9 +26,8 @@ def conv_output_hw(height: int, width: int) -> tuple[int, int]:
 
 class FastDropout(nn.Dropout):
     """nn.Dropout with its mask drawn by torch.rand instead of bernoulli_: the same
-    distribution (keep with probability 1 - p, scale kept values by 1 / (1 - p)), but on the
-    2-core CPU we measured, bernoulli_'s CPU kernel made a NoProp-DT training step ~10% slower.
-    Needs p < 1."""
+    distribution (keep with probability 1 - p, scale kept values by 1 / (1 - p)), with a
+    faster CPU kernel (the measurement is in docs/noprop.md, "Speed"). Needs p < 1."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:

@@ -11,71 +11,30 @@ This module holds what the variants share (label embeddings, the cosine schedule
 term, the Gaussian reverse step, the DT block) and registers `noprop-dt` and
 `backprop-blocks`; `noprop_continuous` registers `noprop-ct` and `noprop-fm`.
 
-Choices the paper leaves open, made here explicitly (field names in brackets):
+Choices the paper leaves open are made explicitly, each a named hyperparameter where it is a
+real alternative, and documented with their reasons and the measurements behind them in
+docs/noprop.md ("Choices the paper leaves open"):
 
-- Cosine schedule [log_snr_max]. The paper names "a fixed cosine noise schedule" and no
-  formula. We use the cosine curve abar = cos^2(pi tau / 2) (Nichol & Dhariwal, whose offset
-  s the truncation below makes unnecessary), indexed so that abar *increases* with t: z_0 is
-  nearly noise and z_T nearly the label, the paper's convention, which several
-  reimplementations got backwards. The curve is truncated to log SNR in [-4, 4] and the T + 1
-  levels are evenly spaced in tau between those ends, so abar_0 = sigmoid(-4) = 0.018 and
-  abar_T = sigmoid(4) = 0.982 for every T. Untruncated, abar_T = 1 would make SNR(T), and so
-  block T's loss weight, infinite, and abar_0 = 0 would make the KL term vanish. Fixed ends
-  keep T a pure discretisation knob: ends that moved with T (e.g. levels at
-  (T + 1 - t) / (T + 2)) leave z_T noisy for small T (abar_T = 0.90 at T = 3), which capped a
-  one-hot 10-class classifier near 85% on mnist-5k. CT's learned schedule starts at the same
-  ends. For T = 10 the weights SNR(t) - SNR(t-1) run from 0.06 to 41, all positive.
-- Noisy labels are drawn independently per level (z_{t-1} for block t, z_T for the
-  classifier), each from its marginal q(z | y): each loss term involves one level only.
-- Gradients into W_embed through the sampled z [embed_grad_through_z, default True]: Algorithm
-  1 updates W_embed with the gradient of L_t, and z is a reparameterised function of W_embed,
-  so we differentiate through it. This matters: without it the classifier's cross-entropy
-  never reaches W_embed, and the remaining terms (the L2 pull of u_y towards the softmax mix
-  uhat, the KL shrinkage) can only merge the class embeddings.
-- Classifier p_out [classifier_init]: one linear layer on z_T with softmax cross-entropy on
-  its logits (the main text's choice; the distance-based alternative of eqs. 15-16, which the
-  paper found no better, is not implemented). Its initialisation is not given. We start it as
-  the nearest-class-embedding rule, logits -||z - u_c||^2 / (2 s) up to a constant with s the
-  mean ||u_c||^2 (`nearest-embedding`), so it is right for any z near u_y from the first step
-  and its logit gaps are O(1) whatever the embedding's scale. With PyTorch's default init (`default`) the argmax of a random linear
-  layer is arbitrary and lr 1e-3 takes hundreds of steps to undo it: short runs then measure
-  the classifier, not the blocks; and in backprop-blocks the blocks and the classifier start at
-  a symmetric saddle. On the 4-class contract task (150 steps, quick presets, 3 seeds)
-  `default` reached 25-30% test accuracy for noprop-dt, 42-73% for backprop-blocks and
-  40-75% for noprop-ct; `nearest-embedding` 100% for all three.
-- Label embeddings [embedding, embed_dim, embed_init]. `one-hot` is fixed (d = classes);
-  `learned` has d = embed_dim (the paper's "dim=20"); `prototype` has d = the image size and
-  the noisy label goes through its own copy of the image branch. Init `auto` is the paper's
-  rule: prototypes for `prototype`, orthogonal rows when d >= classes, random otherwise.
-  The scale is ours: random rows are N(0, 1) per entry and orthogonal rows are scaled to norm
-  sqrt(d), i.e. the per-entry scale of a standardised image, so the three initialisations the
-  paper ablates at d = image size (Table 7: comparable) start at the same scale. Prototypes
-  (per class, the training image with the smallest median distance to the other images of its
-  class) come from `task.train_sample`.
-- Speed, without changing what is computed: convolution weights are stored channels-last,
-  which makes oneDNN run the convolutions and max-pooling in that layout (max-pooling was 5x
-  faster, the whole step about 10%, on the 2-core CPU we measured on), and dropout masks come
-  from torch.rand (`nets.FastDropout`: same distribution, about 10% faster step than
-  bernoulli_).
-- Optimisers: one AdamW over every parameter. Adam's state is per parameter and AdamW skips
-  parameters without a gradient, so this is the same as one optimiser per block. Constant
-  learning rate; no augmentation; BatchNorm as in Fig. 5; unpadded 3x3 convolutions, which
-  reproduce Table 5's parameter counts exactly.
-- Training order [order, steps_per_block]. The paper's Algorithm 1 trains block 1 on every
-  minibatch of the epoch, then block 2, and so on ("block-by-block"; it notes this is not
-  necessary). `block-by-block` here trains block t for `steps_per_block` steps, then block
-  t + 1, cycling; the harness does not tell a method the epoch length, so set it to the
-  number of minibatches per epoch (469 for MNIST at batch 128, the default) to reproduce one
-  epoch per block. The default `every-block` updates all T blocks on each minibatch: the same
-  work per block and T times the updates per step. Its objective is sum_t L_t, where the
-  shared cross-entropy and KL terms, identical in every L_t, are computed once with weight T,
-  so W_embed and p_out see the same relative weighting as T consecutive paper steps. The
-  harness writes the config, and so the order, into every record.
-- Memory: in `every-block`, each block's loss is backpropagated and its activations freed
-  before the next block runs, so a step holds one block's activations for backward, not T
-  (the paper's memory claim). The noisy labels are made once, for all blocks, as detached
-  leaves; their gradients are gathered and sent through the noising and the shared terms in
-  one last backward. `backprop-blocks` necessarily holds all T blocks.
+- the cosine schedule and its two ends [log_snr_max, abar_0, abar_T]: abar = cos^2(pi tau / 2),
+  indexed so that abar increases with t (z_0 noise, z_T label), T + 1 levels evenly spaced in
+  tau between the ends;
+- noisy labels drawn independently per level, each from its marginal q(z | y);
+- gradients into W_embed through the sampled z [embed_grad_through_z];
+- the classifier p_out and its initialisation [classifier_init];
+- the label embedding, its size, initialisation and scale [embedding, embed_dim, embed_init,
+  embed_scale];
+- the training order [order, steps_per_block]: every block on every minibatch, or
+  Algorithm 1's block by block;
+- one AdamW over every parameter (Adam's state is per parameter, so this equals one
+  optimiser per block), constant learning rate, no augmentation;
+- the inference chain [sampler]: ancestral (the paper's Gaussian reverse steps) or its means;
+- how a step's blocks run [blocks]: one at a time (`loop`: one block's activations held for
+  backward, the paper's memory claim) or vmapped together (`stacked`, for GPUs).
+
+Memory: in `every-block`, each block's loss is backpropagated and its activations freed before
+the next block runs; the noisy labels enter the blocks as detached leaves whose gradients go
+through the noising and the shared terms in one last backward. `backprop-blocks` necessarily
+holds all T blocks.
 
 `backprop-blocks` is the paper's backprop baseline: the same blocks, embedding and classifier,
 chained from z_0 ~ N(0, I) by z_t = (1 - a_t) z_{t-1} + a_t uhat_t(z_{t-1}, x) with
@@ -404,9 +363,7 @@ class NoPropDT(_DTShaped):
     Config = NoPropDTConfig
     presets = {
         "default": {},
-        # 3 blocks instead of 10: the quick suite's 2 epochs of mnist-5k, with evaluation,
-        # took 29 s of one core's CPU time here (test accuracy 0.958).
-        "quick": {"T": 3},
+        "quick": {"T": 3},  # 3 blocks instead of 10: sized for the quick suite (docs/noprop.md)
         "paper": {"T": 10, "eta": 0.1, "lr": 1e-3, "weight_decay": 1e-3},
     }
 
