@@ -220,19 +220,23 @@ def cmd_cost(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if args.overhead_steps < 0:
         raise ConfigError(f"--overhead-steps must be >= 0, got {args.overhead_steps}")
+    env = environment(device)
+
+    def save(frame) -> None:  # the rows so far, after each method
+        if args.out:
+            write_csv(Path(args.out), frame.assign(**{k: str(v) for k, v in env.items()}))
+
     frame = step_costs(methods, shapes, device, args.batch_size,
                        preset_set.get("preset", "quick"), per_method, args.repeats,
                        args.overhead_steps,
                        progress=lambda what: print(f"bpfree cost: {what}", file=sys.stderr,
-                                                   flush=True))
-    env = environment(device)
+                                                   flush=True),
+                       on_row=save)
     print(markdown(frame))
     print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, "
           f"{env['torch_threads']} threads, commit {env['git_commit']}")
     if args.out:
-        out = Path(args.out)
-        write_csv(out, frame.assign(**{k: str(v) for k, v in env.items()}))
-        print(f"wrote {out}")
+        print(f"wrote {args.out}")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

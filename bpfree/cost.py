@@ -124,9 +124,12 @@ def step_costs(
     names: list[str], shapes: list[str], device: torch.device, batch: int = 128,
     preset: str = "quick", overrides: dict[str, dict] | None = None, repeats: int = 10,
     overhead_steps: int = 0, progress: Callable[[str], None] | None = None,
+    on_row: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """One row per (method, shape): time, throughput, FLOPs, bytes and memory of a step, and
-    with `overhead_steps` the harness's images/s against a bare loop of that many steps."""
+    with `overhead_steps` the harness's images/s against a bare loop of that many steps.
+    `on_row` gets the rows so far after each one, so that a caller can save them as they come
+    (a measurement stopped at a time limit keeps what it measured)."""
     mm_rate = matmul_flops_per_s(device, n=8192 if device.type == "cuda" else 2048)
     rows = []
     for shape in shapes:
@@ -164,6 +167,8 @@ def step_costs(
                 "params": costs["params"],
                 **extra,
             })
+            if on_row:
+                on_row(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
