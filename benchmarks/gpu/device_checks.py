@@ -23,7 +23,7 @@ setuptools-scm to build it): if `bpfree.methods` does not import, the script lin
 reports/ and results/ into bpfree/ (untracked symbolic links, so the commit stays clean) and
 runs everything with the repository root on PYTHONPATH, so provenance still reads this clone.
 
-Everything written goes under OUT/work, and OUT/results.tar.gz is refreshed after every phase,
+Everything written goes under OUT/work (or --work-dir), and OUT/results.tar.gz is refreshed after every phase,
 so that a run stopped at its time limit still returns what it measured. A log of every phase
 (command, seconds, exit code, output tail) is OUT/work/phases.json.
 """
@@ -50,8 +50,9 @@ SWEEP = REPO / "bpfree" / "sweeps" / "noprop-dt-ablation.toml"
 
 
 class Phases:
-    def __init__(self, out: Path, budget_s: float) -> None:
-        self.out, self.work = out, out / "work"
+    def __init__(self, out: Path, budget_s: float, work: Path | None = None) -> None:
+        self.out, self.work = out, work or out / "work"
+        self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + budget_s
         self.log: list[dict] = []
@@ -150,12 +151,14 @@ def main() -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget-s", type=float, default=560)
+    parser.add_argument("--work-dir", help="where phases write (default OUT/work); only the "
+                        "archive goes to OUT, for a device tool that returns few files")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script")
     parser.add_argument("--sweep-epochs", type=int, default=10,
                         help="the ablation's epochs (its file says 10; fewer only to try the script)")
     args = parser.parse_args()
     out = Path(args.out)
-    phases = Phases(out, args.budget_s)
+    phases = Phases(out, args.budget_s, Path(args.work_dir) if args.work_dir else None)
     work = phases.work
     data = str(Path(args.data_dir).resolve())
     ensure_importable()
