@@ -14,7 +14,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from bpfree.methods import ConfigError
+from bpfree.methods import ConfigError, Task
 from bpfree.methods.base import GRAPH_WARMUP
 
 from bpfree.data import Dataset, make_separable
@@ -102,7 +102,7 @@ def test_graph_steps_equal_eager_steps_on_cuda(name):
     for mode in ("eager", "graph"):
         torch.manual_seed(0)
         cls = type(make_method(name))
-        task = __import__("methods").Task((1, 16, 16), 4, device, 0, train_sample=(x, y))
+        task = Task((1, 16, 16), 4, device, 0, train_sample=(x, y))
         method = cls(task, cls.config_for("quick", {"step": mode}))
         method.train()
         torch.manual_seed(1)
