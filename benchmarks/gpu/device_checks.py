@@ -191,7 +191,7 @@ def main() -> int:
         if "noprop-dt" not in eager:
             phases.run(f"cost-b{batch}-dt-stacked",
                        cli("cost", "--methods", "noprop-dt", "--batch-size", str(batch), *common,
-                           "--set", *base_sets, "step=graph", "blocks=stacked",
+                           "--set", "preset=paper", "step=graph", "blocks=stacked",
                            "--out", str(work / f"cost-b{batch}-dt-stacked.csv")), 45)
 
     # One unit at a time, for the units-per-hour comparison with the sweep below.
