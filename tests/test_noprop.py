@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from bpfree.methods import ConfigError, Task
+from bpfree.methods import ConfigError, Task, get_method
 from bpfree.methods.noprop import (
     DTBlock,
     LabelEmbedding,
@@ -305,6 +305,24 @@ def test_kl_term_equals_its_closed_form():
     a0 = method.abar[0]
     expected = kl_divergence(Normal(a0.sqrt() * u, (1 - a0).sqrt()), Normal(0.0, 1.0))
     assert torch.allclose(kl, expected.sum(1).mean(), rtol=1e-5)
+
+
+def test_paper_preset_starts_the_chain_from_pure_noise_with_the_old_schedule_reachable():
+    """The `paper` preset's z_0 carries nothing of the label (abar_0 = 0, so the KL term is
+    exactly 0 even for prototype embeddings of squared norm ~700); `abar_0=none` restores the
+    schedule tied to log_snr_max, whose z_0 keeps a prototype label readable."""
+    cls = get_method("noprop-dt")
+    x, y = minibatch()
+    kls = {}
+    for abar_0 in (0.0, None):
+        config = cls.config_for("paper", {"embedding": "prototype", "abar_0": abar_0})
+        task = Task((1, 28, 28), 10, train_sample=(torch.randn(64, 1, 28, 28), torch.arange(64) % 10))
+        method = cls(task, config)
+        u = method.model["embed"](y % 10).detach()
+        kls[abar_0] = method.shared_loss(torch.zeros_like(u), u, y % 10)[1].item()
+        assert method.abar[0].item() == pytest.approx(0.0 if abar_0 == 0.0 else 1 / (1 + math.exp(4)))
+    assert cls.config_for("paper").abar_0 == 0.0
+    assert kls[0.0] == 0.0 and kls[None] > 1.0, kls
 
 
 EMBEDDINGS = [
