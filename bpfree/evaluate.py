@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
+from bpfree.checkpoints import load_state
 from bpfree.data import load_dataset
 from bpfree.harness import build_method, evaluate, mean_and_se, resolve_device
 from bpfree.methods import ConfigError, get_method
 from bpfree.methods.base import make_config
-from bpfree.records import unit_dirs, write_csv
+from bpfree.records import read_json, unit_dirs, write_csv
 
 # Settings that change inference only: anything else would not match the trained weights.
 INFERENCE_KEYS = ("inference_steps", "sampler", "step")
@@ -57,12 +57,12 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
     meta_path = run_dir / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"{run_dir} is not a bpfree run folder (no meta.json)")
-    spec = json.loads(meta_path.read_text())["spec"]
+    spec = read_json(meta_path).get("spec", {})
     grid = settings_grid(pairs)
     for name in methods or []:
         get_method(name)
     saved = [u for u in unit_dirs(run_dir) if (u / "model.pt").is_file()
-             and (not methods or json.loads((u / "unit.json").read_text())["method"] in methods)]
+             and (not methods or read_json(u / "unit.json").get("method") in methods)]
     if not saved:
         raise ConfigError(f"no unit of {run_dir}{' of ' + ','.join(methods) if methods else ''} "
                           f"kept its model; train with `bpfree run --save-model`")
@@ -71,9 +71,11 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     rows: list[dict[str, Any]] = []
     for unit_dir in saved:
-        unit = json.loads((unit_dir / "unit.json").read_text())
+        unit = read_json(unit_dir / "unit.json")
         cls = get_method(unit["method"])
-        state = torch.load(unit_dir / "model.pt", map_location=device, weights_only=True)
+        state = load_state(unit_dir / "model.pt", ("model",),
+                           "that unit is then not evaluated; `bpfree run --save-model` into a "
+                           "new --out DIR saves it again")
         epochs = unit["epochs"]
         done: list[dict[str, str]] = []
         for setting in grid:

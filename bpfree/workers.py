@@ -1,20 +1,25 @@
 """Where a sweep's attempts run: one attempt of one unit in a worker process, and the pools
 that start them (local processes, or Ray tasks).
 
-An attempt is `execute`: it trains through the harness's `run_unit`, which writes the unit's
-folder itself, and returns only a small outcome. Every attempt runs in a process of its own so
-that a crash, an OOM kill or a `kill -9` loses that attempt and nothing else; the driver
-(`benchmarks/sweep.py`) records it and decides on a retry.
+An attempt is `execute`: it takes the unit's lock, trains through the harness's `run_unit`,
+which writes the unit's folder itself, and returns only a small outcome. Every attempt runs in
+a process of its own so that a crash, an OOM kill or a `kill -9` loses that attempt and
+nothing else; the driver (`bpfree/sweep.py`) records it and decides on a retry. Local workers
+die with their driver (`_die_with_parent`), so a killed driver leaves no process training on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import platform
 import signal
 import socket
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +32,7 @@ import torch
 from bpfree.data import Dataset, load_dataset
 from bpfree.harness import Budget, run_unit
 from bpfree.methods import ConfigError
-from bpfree.records import write_json
+from bpfree.records import LOCK_NAME, RecordsError, exclusive, write_json
 
 if TYPE_CHECKING:
     from bpfree.sweep import SweepUnit
@@ -65,27 +70,36 @@ def _dataset(name: str, data_dir: str | None, val_fraction: float) -> Dataset:
 def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
     """Run one attempt of a unit; the Ray task and the local child process both call this.
 
-    Exceptions are returned, not raised, so the driver tells user mistakes (not retried: they
-    would fail again) from other errors. A dead process returns nothing; the driver sees that.
+    It first takes the unit's lock, waiting if another process holds it (the worker of a
+    driver that died and has not stopped yet, or a `bpfree run` into this folder): the
+    harness then finds the unit as that process left it, and never trains it twice.
+
+    Exceptions are returned, not raised, so the driver tells user mistakes and unusable
+    records (not retried: they would fail again) from other errors. A dead process returns
+    nothing; the driver sees that.
     """
     torch.set_num_threads(ctx.threads)
     unit_dir = Path(ctx.sweep_dir) / "units" / unit.id
-    write_json(unit_dir / "worker.json", {
-        "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
-        "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-        "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
-                        and torch.cuda.is_available()
-                        else platform.processor() or platform.machine()),
-        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpu_share": _gpu_share(ctx),
-    })
     try:
-        data = _dataset(unit.dataset, ctx.data_dir, ctx.val_fraction)
-        budget = Budget(epochs=unit.epochs, batch_size=ctx.batch_size, device=ctx.device,
-                        target_accuracy=ctx.target_acc, inference_runs=ctx.inference_runs,
-                        keep_model=ctx.keep_model)
-        result = run_unit(unit, data, budget, unit_dir)
+        waited = time.monotonic()
+        with exclusive(unit_dir / LOCK_NAME):
+            waited = time.monotonic() - waited
+            write_json(unit_dir / "worker.json", {
+                "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
+                                and torch.cuda.is_available()
+                                else platform.processor() or platform.machine()),
+                "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "lock_wait_s": round(waited, 3),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpu_share": _gpu_share(ctx),
+            })
+            data = _dataset(unit.dataset, ctx.data_dir, ctx.val_fraction)
+            budget = Budget(epochs=unit.epochs, batch_size=ctx.batch_size, device=ctx.device,
+                            target_accuracy=ctx.target_acc, inference_runs=ctx.inference_runs,
+                            keep_model=ctx.keep_model)
+            result = run_unit(unit, data, budget, unit_dir, lock=False)
         finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         return {"status": result.summary["status"], "error": None, "retry": False,
                 "finished": finished}
@@ -93,7 +107,8 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                "retry": not isinstance(exc, ConfigError), "traceback": traceback.format_exc()}
+                "retry": not isinstance(exc, (ConfigError, RecordsError)),
+                "traceback": traceback.format_exc()}
 
 
 def _gpu_share(ctx: Context) -> float | None:
@@ -132,8 +147,38 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """End this process when its parent ends, however it ends (a SIGKILL included).
+
+    A local worker's parent is the forkserver, which exits as soon as the driver does (its
+    pipe from the driver closes); the worker would otherwise be adopted by init and train on,
+    unseen, writing into a folder a restarted sweep is using. On Linux the kernel delivers
+    SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); everywhere, a thread also checks
+    once a second that the parent is still the one it started with.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watch below still holds
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="bpfree-parent-watch", daemon=True).start()
+
+
 def _local_worker(conn: Any, ctx: Context, gpu: int | None) -> None:
     """A local worker's life: attempts from the driver, one at a time, until it hangs up."""
+    _die_with_parent()
     if gpu is not None:  # before anything touches CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     while True:
