@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bpfree import __version__, options
 from bpfree.data import DATASETS, load_dataset
-from bpfree.harness import Budget, Unit, resolve_device, run_units
+from bpfree.harness import Budget, Unit, pending, resolve_device, run_units
 from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
@@ -135,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else Path("results/runs") / f"{args.suite or 'quick'}-{dataset}-{digest}"
     start_run(run_dir, spec, "bpfree " + " ".join(sys.argv[1:]), environment(device), RUN_BUDGET)
 
-    print(f"bpfree: {len(units)} unit(s) -> {run_dir}", file=sys.stderr)
+    todo = pending(units, {dataset: data}, budget, run_dir)
+    print(f"bpfree: {len(units)} unit(s), {len(todo)} to train -> {run_dir}", flush=True)
     results = run_units(units, {dataset: data}, budget, run_dir, progress=sys.stderr.isatty())
     merge_run(run_dir)
     from bpfree.reports.report import write_report
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.summary.get("status") == Status.FAILED]
     busy = [r for r in results if r.busy]
     if failed:
-        every = "every one" if len(failed) == len(units) else f"{len(failed)} of {len(units)}"
+        every = f"all {len(units)}" if len(failed) == len(units) else f"{len(failed)} of {len(units)}"
         print(f"bpfree: {every} unit(s) failed: "
               f"{', '.join(r.summary['unit'] for r in failed)} (see their failed.json); "
               f"run the same command again to retry them", file=sys.stderr)

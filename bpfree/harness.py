@@ -556,9 +556,10 @@ def run_units(
     from bpfree.records import merge_run
 
     results = []
-    for unit in tqdm(units, desc="units", disable=not progress):
+    todo = pending(units, data, budget, run_dir)  # every record checked before any training
+    for unit in tqdm(todo, desc="units", disable=not progress):
         unit_dir = run_dir / "units" / unit.id
-        if _done(unit, data[unit.dataset], budget, unit_dir):
+        if _done(unit, data[unit.dataset], budget, unit_dir):  # by another process meanwhile
             continue
         try:
             with exclusive(unit_dir / LOCK_NAME, wait_s=0):  # failed.json too is written under it
@@ -569,6 +570,15 @@ def run_units(
         merge_run(run_dir)
     merge_run(run_dir)
     return results
+
+
+def pending(units: list[Unit], data: dict[str, Dataset], budget: Budget, run_dir: Path
+            ) -> list[Unit]:
+    """The units of `run_dir` not done yet. Every unit's records are read and checked
+    against the budget, so a corrupt record or another budget is refused before anything
+    trains."""
+    return [u for u in units
+            if not _done(u, data[u.dataset], budget, run_dir / "units" / u.id)]
 
 
 def _done(unit: Unit, data: Dataset, budget: Budget, unit_dir: Path) -> bool:

@@ -36,12 +36,14 @@ from bpfree import options
 from bpfree.harness import Unit
 from bpfree.methods import ConfigError
 from bpfree.records import (
+    COMPLETE,
     DRIVER_LOCK_NAME,
     LockHeld,
     RecordsError,
     exclusive,
     merge_run,
     prepare_out,
+    read_unit,
     start_run,
     unit_is_done,
     write_json,
@@ -345,16 +347,27 @@ def record_attempt(unit_dir: Path, attempt: int, outcome: dict[str, Any], second
 
 
 def close_interrupted(unit_dir: Path) -> int:
-    """Mark the attempts a dead driver left `running` as `interrupted`; how many there were.
-    Only the one driver of a sweep folder (its driver lock) calls this."""
+    """Close the attempts a dead driver left `running`; returns how many there were. Such an
+    attempt is `interrupted` (its unit resumes from its checkpoint), or, if its worker got to
+    finish the unit before it noticed, the unit's own status. Only the one driver of a sweep
+    folder (its driver lock) calls this."""
     history = _history(unit_dir)
     stale = [h for h in history if h.get("status") == "running"]
     if not stale:
         return 0
-    closed = [{**_who(unit_dir, h.get("attempt")), **h, "status": "interrupted",
-               "error": "the sweep driver stopped (killed?) before this attempt ended; its "
-                        "finished epochs were kept in the checkpoint"}
-              if h.get("status") == "running" else h for h in history]
+    done = read_unit(unit_dir)
+    done = done if done is not None and done["status"] in COMPLETE else None
+    last = max(h.get("attempt", 0) for h in stale)
+    closed = []
+    for h in history:
+        if h.get("status") == "running":
+            h = {**_who(unit_dir, h.get("attempt")), **h, "status": "interrupted",
+                 "error": "the sweep driver stopped (killed?) before this attempt ended; its "
+                          "finished epochs were kept in the checkpoint"}
+            if done is not None and h["attempt"] == last:
+                h.update(status=str(done["status"]), error=None,
+                         note="finished after its driver stopped; outcome read from summary.json")
+        closed.append(h)
     write_json(unit_dir / "attempts.json", closed)
     return len(stale)
 
@@ -491,11 +504,12 @@ def _run_sweep(sweep: Sweep, sweep_dir: Path, units: list[SweepUnit], executor: 
                               "max_parallel": capacity, "max_retries": retries,
                               "torch_threads": threads})
 
+        interrupted = sum(close_interrupted(sweep_dir / "units" / u.id) for u in units)
         todo = [u for u in units if not unit_is_done(sweep_dir / "units" / u.id)]
-        interrupted = sum(close_interrupted(sweep_dir / "units" / u.id) for u in todo)
         if interrupted:
-            print(f"bpfree: {interrupted} attempt(s) of a previous driver were interrupted; "
-                  f"their units resume from their checkpoints", file=sys.stderr)
+            print(f"bpfree: {interrupted} attempt(s) of a previous driver were interrupted "
+                  f"(attempts.json); their units resume from their checkpoints",
+                  file=sys.stderr)
         bar = Progress(len(units), len(units) - len(todo), capacity, progress)
         pool: Pool = RayPool(ctx, capacity) if executor == "ray" else LocalPool(ctx, capacity)
         try:

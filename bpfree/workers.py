@@ -5,19 +5,17 @@ An attempt is `execute`: it takes the unit's lock, trains through the harness's 
 which writes the unit's folder itself, and returns only a small outcome. Every attempt runs in
 a process of its own so that a crash, an OOM kill or a `kill -9` loses that attempt and
 nothing else; the driver (`bpfree/sweep.py`) records it and decides on a retry. Local workers
-die with their driver (`_die_with_parent`), so a killed driver leaves no process training on.
+die with their driver (`_die_with_driver`), so a killed driver leaves no process training on.
 """
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import platform
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -147,38 +145,31 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+def _die_with_driver(alive: Any) -> None:
+    """End this worker as soon as its driver ends, however it ends (a SIGKILL included).
 
-
-def _die_with_parent() -> None:
-    """End this process when its parent ends, however it ends (a SIGKILL included).
-
-    A local worker's parent is the forkserver, which exits as soon as the driver does (its
-    pipe from the driver closes); the worker would otherwise be adopted by init and train on,
-    unseen, writing into a folder a restarted sweep is using. On Linux the kernel delivers
-    SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); everywhere, a thread also checks
-    once a second that the parent is still the one it started with.
+    `alive` is the read end of a pipe whose only write end the driver holds: the kernel
+    closes it when the driver dies, and a thread here reads EOF and kills this process. A
+    local worker's parent is the forkserver, not the driver, and the forkserver stays up
+    while any of its children lives, so neither the parent's death (prctl PR_SET_PDEATHSIG)
+    nor adoption by init would ever come: without this the worker would train on, unseen,
+    writing into a folder that a restarted sweep is using.
     """
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the watch below still holds
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
+        try:
+            while True:
+                alive.recv()  # the driver never sends: this returns only at EOF
+        except (EOFError, OSError):
+            pass
         os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="bpfree-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="bpfree-driver-watch", daemon=True).start()
 
 
-def _local_worker(conn: Any, ctx: Context, gpu: int | None) -> None:
+def _local_worker(conn: Any, alive: Any, ctx: Context, gpu: int | None) -> None:
     """A local worker's life: attempts from the driver, one at a time, until it hangs up."""
-    _die_with_parent()
+    _die_with_driver(alive)
     if gpu is not None:  # before anything touches CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     while True:
@@ -201,7 +192,8 @@ class LocalPool:
 
     Workers fork from a forkserver that has imported torch once, and live across attempts, so
     a dataset loaded for one unit serves the next (as on Ray). A worker that dies is replaced
-    at the next submit: a crash or a kill costs one attempt, never the pool.
+    at the next submit: a crash or a kill costs one attempt, never the pool. Workers end when
+    the driver does (`_die_with_driver`): `self.alive` is the one write end of their pipe.
     """
 
     def __init__(self, ctx: Context, capacity: int) -> None:
@@ -212,11 +204,12 @@ class LocalPool:
             self.mp.set_forkserver_preload(["bpfree.sweep", "bpfree.workers"])
         self.gpus = torch.cuda.device_count() if ctx.device == "cuda" else 0
         self.slots = [_Slot() for _ in range(capacity)]
+        self.watched, self.alive = self.mp.Pipe(duplex=False)  # (read end, write end)
 
     def _start(self, i: int) -> _Slot:
         ours, theirs = self.mp.Pipe()
         gpu = i % self.gpus if self.gpus else None  # one GPU per worker, round robin
-        proc = self.mp.Process(target=_local_worker, args=(theirs, self.ctx, gpu),
+        proc = self.mp.Process(target=_local_worker, args=(theirs, self.watched, self.ctx, gpu),
                                name=f"bpfree-worker-{i}", daemon=True)
         proc.start()
         theirs.close()
