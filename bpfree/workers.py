@@ -175,9 +175,12 @@ def _local_worker(conn: Any, alive: Any, ctx: Context, gpu: int | None) -> None:
     while True:
         try:
             unit, attempt = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the driver hung up, or died (ECONNRESET)
             return
-        conn.send(execute(unit, ctx, attempt))
+        try:
+            conn.send(execute(unit, ctx, attempt))
+        except OSError:  # it died while this attempt ran: nobody to tell
+            return
 
 
 @dataclass
