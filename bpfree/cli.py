@@ -329,16 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated subset of md,html,tex,csv (default: all)")
     report.set_defaults(fn=cmd_report)
 
-    ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model) "
+    ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model, "
+                                         "sweep keep_model) "
                                          "under other inference settings, without retraining")
-    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder trained with --save-model")
+    ev.add_argument("run_dir", metavar="RUN_DIR",
+                    help="a run folder trained with --save-model, or a sweep folder of a "
+                         "sweep with keep_model = true")
     ev.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
                     help="inference settings to try, every combination: inference_steps, "
                          "sampler, step (default: as trained)")
     ev.add_argument("--inference-runs", type=int, default=5,
                     help="evaluation passes averaged per setting (default 5, as the NoProp paper)")
     ev.add_argument("--methods", help="comma-separated: evaluate only these methods' units")
-    ev.add_argument("--data-dir", help="folder holding the dataset's files")
+    ev.add_argument("--data-dir", help="folder holding the dataset's files (default for a "
+                                       "sweep folder: its sweep file's data_dir)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: cuda when torch sees a GPU, else cpu")
     ev.set_defaults(fn=cmd_evaluate)

@@ -155,6 +155,14 @@ def _truncated_checkpoint(ctx) -> None:
     (unit / "checkpoint.pt").write_bytes(data[: len(data) // 3])
 
 
+def _other_data(ctx) -> None:
+    """The run, as if trained on other files of the same dataset (another fingerprint)."""
+    _copy_run(ctx)
+    meta = json.loads((ctx.tmp / "run" / "meta.json").read_text())
+    meta["spec"]["data"] = "0123456789ab"
+    (ctx.tmp / "run" / "meta.json").write_text(json.dumps(meta))
+
+
 def _foreign_files(ctx) -> None:
     (ctx.tmp / "run").mkdir()
     (ctx.tmp / "run" / "thesis.tex").write_text("mine")
@@ -256,6 +264,10 @@ def _offline(ctx) -> None:
          "was made with batch_size=128, this command says 32"),
         (_copy_run, [*RUN, "--val-fraction", "0.2", "--out", "{tmp}/run"],
          "was made with val_fraction=0.0, this command says 0.2"),
+        (_copy_run, [*RUN, "--target-acc", "0.5", "--out", "{tmp}/run"],
+         "was made with target_acc=None, this command says 0.5"),
+        (_other_data, [*RUN, "--out", "{tmp}/run"],
+         "was made on other data (fingerprint 0123456789ab"),
         (_disk_full, [*RUN, "--out", "{tmp}/run"], "checkpoint.pt (No space left on device); free some space"),
         # the CI gate's baseline, checked before minutes of measuring
         (lambda ctx: _bad_baseline(ctx, "method,flops\nbackprop,1\n"),
@@ -279,7 +291,7 @@ def test_user_mistakes_exit_2_with_one_line(setup, args, message, tmp_path, caps
     assert message.replace("{tmp}", str(tmp_path)) in err
 
 
-NEEDS_RUN = {_copy_run, _corrupt_summary, _truncated_checkpoint}
+NEEDS_RUN = {_copy_run, _corrupt_summary, _truncated_checkpoint, _other_data}
 
 
 def test_a_bad_data_folder_leaves_no_out_folder_behind(tmp_path, capsys):

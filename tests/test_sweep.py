@@ -273,3 +273,32 @@ def test_a_second_driver_on_one_sweep_folder_is_refused(tmp_path):
         with pytest.raises(RecordsError, match="another bpfree sweep .* is running in"):
             run_sweep(sweep, tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_evaluate_reads_a_sweep_folder_and_says_what_it_cannot_evaluate(tmp_path, capsys):
+    """A sweep folder's meta.json lists datasets, not one dataset (evaluate used to die with
+    KeyError 'dataset'): each unit is evaluated on its own dataset, split with the sweep's
+    val_fraction, and reproduces its recorded accuracy; a unit without a model is one line."""
+    spec = {"methods": ["noprop-dt", "backprop"], "datasets": "synthetic", "seeds": 0,
+            "epochs": 1, "preset": "quick", "cpus_per_unit": 1, "keep_model": True,
+            "val_fraction": 0.1, "device": "cpu",
+            "grid": {"backprop": {"arch": "mlp"}}}
+    out = tmp_path / "out"
+    assert main(["sweep", str(write_sweep(tmp_path / "keep.toml", spec)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--methods", "noprop-dt", "--inference-runs", "1",
+                 "--device", "cpu", "--set", "sampler=ancestral,mean"]) == 0
+    rows = pd.read_csv(out / "evaluations.csv").set_index("sampler")
+    assert sorted(rows.index) == ["ancestral", "mean"] and set(rows["dataset"]) == {"synthetic"}
+    recorded = pd.read_csv(out / "summary.csv").set_index("method")
+    assert rows.loc["ancestral", "test_acc"] == pytest.approx(
+        recorded.loc["noprop-dt", "final_test_acc"], abs=1e-12)
+
+    backprop = next((out / "units").glob("backprop*"))
+    (backprop / "summary.json").unlink()  # as if killed before its end: no model kept yet
+    (backprop / "model.pt").unlink()
+    assert main(["evaluate", str(out), "--methods", "backprop", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 unfinished" in err and "Traceback" not in err
+    assert main(["evaluate", str(out), "--inference-runs", "1", "--device", "cpu"]) == 0
+    assert "skipped 1 unfinished" in capsys.readouterr().err
