@@ -15,12 +15,19 @@ from pathlib import Path
 
 from bpfree import __version__, options
 from bpfree.data import DATASETS, load_dataset
-from bpfree.harness import Budget, Unit, resolve_device, run_units
+from bpfree.harness import Budget, Unit, pending, resolve_device, run_units
 from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
 from bpfree.reports.load import ReportError
 from bpfree.suites import SUITES
+
+EXIT_CODES = """exit codes:
+  0  everything asked for finished (a diverged unit is a result: it counts as finished)
+  1  some unit failed or was left to another process holding it, or `bpfree check` failed
+     the gate; the records of the others are written, and a re-run retries what is missing
+  2  a usage error, bad input, an unusable record or a full disk: one line on stderr names
+     it and what to do (units finished before it stay finished)"""
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -72,8 +79,9 @@ def parse_sets(pairs: list[str], methods: list[str]) -> tuple[dict[str, str], di
 
 
 # What a run folder's units all share: resuming with another value would mix two budgets.
-RUN_BUDGET = ("dataset", "data", "epochs", "batch_size", "device", "val_fraction", "target_acc",
-              "inference_runs")
+# The data fingerprint comes last: another --val-fraction changes it too, and is named first.
+RUN_BUDGET = ("dataset", "epochs", "batch_size", "device", "val_fraction", "target_acc",
+              "inference_runs", "data")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,11 +105,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.at_least("--inference-runs", args.inference_runs)
     preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
     preset = preset_set.get("preset", suite.preset)
-    from bpfree.tune import resolve_preset  # preset=tuned: the tuned values, per dataset
+    from bpfree.tune import TUNED_DIR, resolve_preset  # preset=tuned: the tuned values
 
+    tuned_dir = Path(args.tuned_dir) if args.tuned_dir else TUNED_DIR
     units = [
         Unit(m, dataset, seed, preset,
-             tuple(sorted(resolve_preset(m, dataset, preset, per_method[m]).items())))
+             tuple(sorted(resolve_preset(m, dataset, preset, per_method[m], tuned_dir).items())))
         for m in methods
         for seed in seeds
     ]
@@ -124,16 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "target_acc": args.target_acc, "inference_runs": args.inference_runs}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     run_dir = Path(args.out) if args.out else Path("results/runs") / f"{args.suite or 'quick'}-{dataset}-{digest}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {run_dir} ({exc.strerror}); pass a writable --out DIR") from None
     start_run(run_dir, spec, "bpfree " + " ".join(sys.argv[1:]), environment(device), RUN_BUDGET)
 
-    print(f"bpfree: {len(units)} unit(s) -> {run_dir}", file=sys.stderr)
+    todo = pending(units, {dataset: data}, budget, run_dir)
+    print(f"bpfree: {len(units)} unit(s), {len(todo)} to train -> {run_dir}", flush=True)
     results = run_units(units, {dataset: data}, budget, run_dir, progress=sys.stderr.isatty())
     merge_run(run_dir)
     from bpfree.reports.report import write_report
@@ -142,12 +145,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(text)
     print(f"records: {run_dir / 'records.csv'}\nsummary: {run_dir / 'summary.csv'}\nreport:  {report_path}")
     failed = [r for r in results if r.summary.get("status") == Status.FAILED]
+    busy = [r for r in results if r.busy]
     if failed:
-        print(f"bpfree: {len(failed)} of {len(units)} unit(s) failed: "
-              f"{', '.join(r.summary['unit'] for r in failed)} (see their failed.json)",
-              file=sys.stderr)
-        return 1
-    return 0
+        every = f"all {len(units)}" if len(failed) == len(units) else f"{len(failed)} of {len(units)}"
+        print(f"bpfree: {every} unit(s) failed: "
+              f"{', '.join(r.summary['unit'] for r in failed)} (see their failed.json); "
+              f"run the same command again to retry them", file=sys.stderr)
+    if busy:
+        print(f"bpfree: {len(busy)} unit(s) left to another process that is training them "
+              f"({busy[0].busy}): {', '.join(r.summary['unit'] for r in busy)}; run the same "
+              f"command again once it ends to collect them", file=sys.stderr)
+    return 1 if failed or busy else 0
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -185,6 +193,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep)
     if args.data_dir:
         sweep = replace(sweep, data_dir=args.data_dir)
+    if args.tuned_dir:
+        sweep = replace(sweep, tuned_dir=args.tuned_dir)
+        sweep.units()  # the tuned presets of that folder are checked before anything runs
     if args.epochs is not None:
         if args.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
@@ -252,7 +263,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
         address=args.address, cpus_per_trial=args.cpus_per_trial,
         out_dir=Path(args.out) if args.out else TUNED_DIR)
     print(f"best of {args.trials} trials: {content['tuned']} (val_acc {content['val_acc']:.4f})")
-    print(f"tuned preset: {path}  (use it with `bpfree run --set preset=tuned`)")
+    hint = "" if path.parent == TUNED_DIR else f" --tuned-dir {path.parent}"
+    print(f"tuned preset: {path}  (use it with `bpfree run --set preset=tuned{hint}`)")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -266,9 +278,16 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class RawEpilogFormatter(HelpFormatter):
+    """Keeps the epilog's line breaks (the exit-code table)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpfree", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+                                     epilog=EXIT_CODES, formatter_class=RawEpilogFormatter)
     parser.add_argument("--version", action="version",
                         version=f"bpfree {__version__} (commit {git_commit()})")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(NoProp: the paper uses 5); recorded as mean and standard error")
     run.add_argument("--save-model", action="store_true",
                      help="keep each unit's trained model in model.pt, for `bpfree evaluate`")
+    run.add_argument("--tuned-dir", help="folder of tuned presets for --set preset=tuned (what "
+                                         "`bpfree tune --out` wrote; default results/tuned)")
     run.set_defaults(fn=cmd_run)
 
     report = sub.add_parser("report", help="tables and plots from run folders")
@@ -308,16 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated subset of md,html,tex,csv (default: all)")
     report.set_defaults(fn=cmd_report)
 
-    ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model) "
+    ev = sub.add_parser("evaluate", help="test accuracy of saved models (run --save-model, "
+                                         "sweep keep_model) "
                                          "under other inference settings, without retraining")
-    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder trained with --save-model")
+    ev.add_argument("run_dir", metavar="RUN_DIR",
+                    help="a run folder trained with --save-model, or a sweep folder of a "
+                         "sweep with keep_model = true")
     ev.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
                     help="inference settings to try, every combination: inference_steps, "
                          "sampler, step (default: as trained)")
     ev.add_argument("--inference-runs", type=int, default=5,
                     help="evaluation passes averaged per setting (default 5, as the NoProp paper)")
     ev.add_argument("--methods", help="comma-separated: evaluate only these methods' units")
-    ev.add_argument("--data-dir", help="folder holding the dataset's files")
+    ev.add_argument("--data-dir", help="folder holding the dataset's files (default for a "
+                                       "sweep folder: its sweep file's data_dir)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: cuda when torch sees a GPU, else cpu")
     ev.set_defaults(fn=cmd_evaluate)
@@ -361,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-retries", type=int, help="retries of a failed unit (default: the file's, or 1)")
     sweep.add_argument("--data-dir", help="folder holding the datasets' files (overrides the file's)")
     sweep.add_argument("--out", help="sweep folder (default results/sweeps/<file name>)")
+    sweep.add_argument("--tuned-dir", help="folder of tuned presets for preset = \"tuned\" "
+                                           "(overrides the file's tuned_dir)")
     sweep.set_defaults(fn=cmd_sweep)
 
     tune = sub.add_parser("tune", help="equal-budget hyperparameter search on a validation split")
@@ -381,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="Ray cluster to join (default: start a private local one)")
     tune.add_argument("--cpus-per-trial", type=int, default=1,
                       help="CPUs (torch threads) each trial asks Ray for")
-    tune.add_argument("--out", help="folder for the tuned preset (default results/tuned)")
+    tune.add_argument("--out", help="folder for the tuned preset and Ray Tune's trial folders "
+                                    "(default results/tuned)")
     tune.set_defaults(fn=cmd_tune)
     return parser
 
@@ -414,8 +442,7 @@ USER_ERRORS = (ConfigError, RecordsError, ReportError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb. Exit codes: 0 everything finished; 1 some unit failed, or the gate
-    failed; 2 a usage error (one line on stderr naming the problem and the fix)."""
+    """Run one verb; returns its exit code (EXIT_CODES)."""
     args = build_parser().parse_args(hoist_sets(sys.argv[1:] if argv is None else argv))
     try:
         code = args.fn(args)

@@ -5,6 +5,11 @@ the canonical files work wherever they are and tests can exercise the loaders on
 the real formats. torchvision is used only to download, and only when the user passes
 `--download`: nothing is ever fetched implicitly.
 
+Files are checked as they are read, so that bad data is one DataError naming the file rather
+than a model trained on it: images and labels must be as many, labels within the dataset's
+classes, and a CIFAR batch is unpickled by a loader that admits only the types the format
+uses (a full unpickle of a planted file would run whatever code it names).
+
 No augmentation is applied (the NoProp paper does not mention any); inputs are scaled to
 [0, 1] and standardised per channel with the usual dataset constants.
 """
@@ -13,8 +18,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
+import io
 import pickle
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,16 +116,40 @@ IDX_FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (uint8 data), gzipped or not, into an array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path} is not a complete gzip file ({exc}); delete it and download "
+                        f"it again (--download)") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header is cut short")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
+        what = "truncated" if body.size < int(np.prod(shape)) else "longer than its header says"
+        raise DataError(f"{path} is {what}: header says {shape}, found {body.size} bytes")
     return body.reshape(shape)
+
+
+def check_split(what: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                where: str) -> None:
+    """Images and labels of one split must pair up one to one, and every label must name a
+    class: otherwise a model would silently train on shifted labels, or crash mid-run."""
+    if labels.ndim != 1:
+        raise DataError(f"{where}: {what} labels should be a list, got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} {what} images but {len(labels)} labels; the "
+                        f"files do not belong together (download them again)")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DataError(f"{where}: {what} label {int(bad[0])} is outside the {num_classes} "
+                        f"classes 0..{num_classes - 1} ({len(bad)} such label(s))")
 
 
 def _find_idx(data_dir: Path, subdir: str, stem: str) -> Path | None:
@@ -126,6 +158,19 @@ def _find_idx(data_dir: Path, subdir: str, stem: str) -> Path | None:
             if (folder / name).is_file():
                 return folder / name
     return None
+
+
+def _download(name: str, data_dir: Path, fetch: Callable[[], None]) -> None:
+    """Run a torchvision download; its failure (no network, no torchvision) is one line."""
+    try:
+        fetch()
+    except ImportError:
+        raise DataError("--download needs torchvision (pip install torchvision), or put the "
+                        f"{name} files in {data_dir} yourself") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+        raise DataError(f"--download of {name} failed ({first}); check the network, or put "
+                        f"the files in {data_dir} yourself") from None
 
 
 def _load_idx_family(
@@ -137,10 +182,13 @@ def _load_idx_family(
             f"({', '.join(IDX_FILES.values())}, optionally .gz); add --download to fetch them"
         )
     if download:
-        import torchvision.datasets as tvd
+        def fetch() -> None:
+            import torchvision.datasets as tvd
 
-        for train in (True, False):
-            getattr(tvd, torchvision_cls)(str(data_dir), train=train, download=True)
+            for train in (True, False):
+                getattr(tvd, torchvision_cls)(str(data_dir), train=train, download=True)
+
+        _download(name, data_dir, fetch)
     paths = {key: _find_idx(data_dir, torchvision_cls, stem) for key, stem in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in paths.items() if p is None]
     if missing:
@@ -149,6 +197,13 @@ def _load_idx_family(
             f"nor {data_dir / torchvision_cls / 'raw'}; add --download to fetch them"
         )
     arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.ndim != 3:
+            raise DataError(f"{paths[f'{split}_x']}: images should be N x H x W, got shape "
+                            f"{images.shape}")
+        check_split(split, images, labels, 10,
+                    f"{paths[f'{split}_x']} and {paths[f'{split}_y'].name}")
     stats = "mnist" if torchvision_cls == "MNIST" else "fashion-mnist"
     return (
         _standardise(arrays["train_x"][:, None], stats),
@@ -173,18 +228,61 @@ CIFAR_LAYOUT = {
 }
 
 
-def _read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR python batch, and nothing else: a dict of byte strings, lists of
+    ints and uint8 numpy arrays needs only numpy's array rebuilders (numpy 1 names them
+    numpy.core, numpy 2 numpy._core) and, for pickles Python 3 wrote with protocol 2,
+    `_codecs.encode`. Any other global a file names is refused before it is imported."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never "
+                                         f"holds; refused without loading it")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        return getattr(importlib.import_module(module), name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR python batch, through the restricted unpickler."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:
+        raise DataError(f"{path} is not a CIFAR python batch ({exc}); delete it and download "
+                        f"it again (--download)") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (it holds a "
+                        f"{type(batch).__name__}, not a dict)")
+    return batch
+
+
+def _read_cifar_batches(paths: list[Path], label_key: bytes, num_classes: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            try:
-                batch = pickle.load(f, encoding="bytes")
-            except Exception as exc:
-                raise DataError(f"{path} is not a CIFAR pickle batch ({exc})") from None
+        batch = read_cifar_batch(path)
         if b"data" not in batch or label_key not in batch:
             raise DataError(f"{path} lacks the keys data and {label_key.decode()}")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            data = np.asarray(batch[b"data"])
+            batch_labels = np.asarray(batch[label_key])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"data should be N x 3072 bytes, got {data.dtype} {data.shape}")
+            if not np.issubdtype(batch_labels.dtype, np.integer):
+                raise ValueError(f"labels should be integers, got {batch_labels.dtype}")
+        except ValueError as exc:
+            raise DataError(f"{path} is not a CIFAR python batch ({exc})") from None
+        check_split(path.name, data, batch_labels, num_classes, str(path))
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -196,17 +294,21 @@ def _load_cifar(name: str, data_dir: Path | None, download: bool):
             f"batches); add --download to fetch it"
         )
     if download:
-        import torchvision.datasets as tvd
+        def fetch() -> None:
+            import torchvision.datasets as tvd
 
-        getattr(tvd, tv_cls)(str(data_dir), train=True, download=True)
+            getattr(tvd, tv_cls)(str(data_dir), train=True, download=True)
+
+        _download(name, data_dir, fetch)
     root = data_dir / folder
     missing = [f for f in train_files + test_files if not (root / f).is_file()]
     if missing:
         raise DataError(
             f"dataset {name}: {', '.join(missing)} not found in {root}; add --download to fetch it"
         )
-    train_x, train_y = _read_cifar_batches([root / f for f in train_files], label_key)
-    test_x, test_y = _read_cifar_batches([root / f for f in test_files], label_key)
+    classes = 10 if name == "cifar10" else 100
+    train_x, train_y = _read_cifar_batches([root / f for f in train_files], label_key, classes)
+    test_x, test_y = _read_cifar_batches([root / f for f in test_files], label_key, classes)
     return (
         _standardise(train_x, name),
         torch.from_numpy(train_y),

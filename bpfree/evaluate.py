@@ -1,10 +1,12 @@
 """`bpfree evaluate RUN_DIR`: evaluate saved models again, with other inference settings.
 
+RUN_DIR is a run folder (`bpfree run --save-model`) or a sweep folder (`keep_model = true`).
+
 A sampling method's accuracy depends on how its chain is run at test time (NoProp-DT's
 ancestral or noise-free chain, NoProp-CT's and -FM's number of steps and solver). Training
-decides none of that, so it is measured here on the models that `bpfree run --save-model`
-kept, without retraining: each unit is rebuilt from its recorded configuration with the
-inference-time overrides on top, its trained weights are loaded, and its test accuracy is
+decides none of that, so it is measured here on the models that were kept, without
+retraining: each unit is rebuilt from its recorded configuration with the inference-time
+overrides on top, its trained weights are loaded, and its test accuracy is
 measured over `inference_runs` passes with the same seeding rule as the harness, so the
 unchanged settings reproduce the recorded number.
 
@@ -16,18 +18,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
+from torch import Tensor
 
-from bpfree.data import load_dataset
+from bpfree.checkpoints import load_state
+from bpfree.data import Dataset, load_dataset
 from bpfree.harness import build_method, evaluate, mean_and_se, resolve_device
 from bpfree.methods import ConfigError, get_method
 from bpfree.methods.base import make_config
-from bpfree.records import unit_dirs, write_csv
+from bpfree.records import COMPLETE, RecordsError, read_json, read_unit, unit_dirs, write_csv
 
 # Settings that change inference only: anything else would not match the trained weights.
 INFERENCE_KEYS = ("inference_steps", "sampler", "step")
@@ -47,33 +51,91 @@ def settings_grid(pairs: list[str]) -> list[dict[str, str]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] or [{}]
 
 
+def _saved_units(run_dir: Path, methods: list[str] | None, sweep: bool
+                 ) -> list[dict[str, Any]]:
+    """The summary rows of the units of `run_dir` (of `methods`) that can be evaluated: done
+    (finished or diverged) and holding the model they ended with. The others are counted in
+    one line on stderr, or, if no unit is left, in the one-line ConfigError."""
+    saved: list[dict[str, Any]] = []
+    unfinished = unkept = 0
+    for unit_dir in unit_dirs(run_dir):
+        if (unit_dir / "summary.json").is_file():
+            row = read_unit(unit_dir)  # checked: a corrupt summary is one RecordsError
+        else:
+            try:
+                row = read_json(unit_dir / "unit.json")
+            except RecordsError:  # a unit that failed before writing it, or a stray folder
+                row = {}
+        if methods and row.get("method") not in methods:
+            continue
+        if row.get("status") not in COMPLETE:
+            unfinished += 1
+        elif not (unit_dir / "model.pt").is_file():
+            unkept += 1
+        else:
+            saved.append({**row, "dir": unit_dir})
+    keep = ("set keep_model = true in the sweep file" if sweep
+            else "train with `bpfree run --save-model`")
+    why = ", ".join(part for part in (
+        f"{unfinished} unfinished (no model until a unit ends: run it to the end first)"
+        if unfinished else "",
+        f"{unkept} trained without keeping its model ({keep})" if unkept else "") if part)
+    if not saved:
+        which = f" of {','.join(methods)}" if methods else ""
+        raise ConfigError(f"no unit{which} of {run_dir} can be evaluated: "
+                          f"{why or 'it has no units'}; evaluate needs finished units that kept "
+                          f"their model ({keep})")
+    if why:
+        print(f"bpfree: evaluating {len(saved)} unit(s); skipped {why}", file=sys.stderr)
+    return saved
+
+
 def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir: str | None,
                  device_name: str = "auto", batch_size: int = 1000,
                  methods: list[str] | None = None) -> pd.DataFrame:
     """Evaluate every saved unit of `run_dir` (of `methods`, default all) under every
-    setting; append the rows to evaluations.csv."""
+    setting; append the rows to evaluations.csv.
+
+    `run_dir` is a `bpfree run` folder or a `bpfree sweep` folder: each unit is evaluated on
+    the dataset its own records name (a sweep may hold several), split with the folder's
+    validation fraction, from `data_dir` or else the sweep file's data_dir. A run folder
+    also records its data's fingerprint: other data is refused rather than scored.
+    """
     if inference_runs < 1:
         raise ConfigError(f"--inference-runs must be >= 1, got {inference_runs}")
     meta_path = run_dir / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"{run_dir} is not a bpfree run folder (no meta.json)")
-    spec = json.loads(meta_path.read_text())["spec"]
+    spec = read_json(meta_path).get("spec")
+    if not isinstance(spec, dict):
+        raise RecordsError(f"{meta_path}: corrupt, it has no spec")
     grid = settings_grid(pairs)
     for name in methods or []:
         get_method(name)
-    saved = [u for u in unit_dirs(run_dir) if (u / "model.pt").is_file()
-             and (not methods or json.loads((u / "unit.json").read_text())["method"] in methods)]
-    if not saved:
-        raise ConfigError(f"no unit of {run_dir}{' of ' + ','.join(methods) if methods else ''} "
-                          f"kept its model; train with `bpfree run --save-model`")
+    sweep = "datasets" in spec  # a sweep's spec lists its datasets; a run's names one
+    saved = _saved_units(run_dir, methods, sweep)
     device = resolve_device(device_name)
-    data = load_dataset(spec["dataset"], data_dir, False, spec.get("val_fraction", 0.0))
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    if data_dir is None and sweep:
+        data_dir = spec.get("data_dir")
+    val_fraction = float(spec.get("val_fraction") or 0.0)
+    loaded: dict[str, tuple[Dataset, Tensor, Tensor]] = {}
     rows: list[dict[str, Any]] = []
-    for unit_dir in saved:
-        unit = json.loads((unit_dir / "unit.json").read_text())
+    for unit in saved:
+        if unit["dataset"] not in loaded:
+            data = load_dataset(unit["dataset"], data_dir, False, val_fraction)
+            recorded = None if sweep else spec.get("data")
+            if recorded is not None and data.fingerprint() != recorded:
+                raise ConfigError(
+                    f"{run_dir} was trained on other data than {unit['dataset']} from "
+                    f"{data_dir or 'its default place'} (fingerprint {recorded}, now "
+                    f"{data.fingerprint()}); pass the --data-dir it was trained with")
+            loaded[unit["dataset"]] = (data, data.test_x.to(device), data.test_y.to(device))
+        data, test_x, test_y = loaded[unit["dataset"]]
+        model_path = unit["dir"] / "model.pt"
         cls = get_method(unit["method"])
-        state = torch.load(unit_dir / "model.pt", map_location=device, weights_only=True)
+        state = load_state(model_path, ("model",),
+                           "that unit is then not evaluated; train it again into a new "
+                           "--out DIR to keep its model")
         epochs = unit["epochs"]
         done: list[dict[str, str]] = []
         for setting in grid:
@@ -83,12 +145,19 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
             done.append(applies)
             config = make_config(cls.Config, {**json.loads(unit["config"]), **applies}, cls.name)
             method, *_ = build_method(cls, config, data, unit["seed"], device)
-            method.model.load_state_dict(state["model"])
+            try:
+                method.model.load_state_dict(state["model"])
+            except (RuntimeError, TypeError, AttributeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise RecordsError(f"{model_path} does not fit {unit['method']} as its "
+                                   f"summary.json configures it ({first[:120]}); delete it or "
+                                   f"train the unit again") from None
             start = time.perf_counter()
             accs = evaluate(method, test_x, test_y, batch_size, inference_runs,
                             unit["seed"] * 1_000 + epochs)
             mean, se = mean_and_se(accs)
-            rows.append({"unit": unit["unit"], "method": unit["method"], "seed": unit["seed"],
+            rows.append({"unit": unit["unit"], "method": unit["method"],
+                         "dataset": unit["dataset"], "seed": unit["seed"],
                          "epochs": epochs, "setting": json.dumps(applies, sort_keys=True),
                          **applies, "test_acc": mean, "test_acc_se": se,
                          "inference_runs": len(accs),

@@ -35,7 +35,21 @@ from bpfree import measure
 from bpfree.checkpoints import load_checkpoint, save_checkpoint
 from bpfree.data import DATASETS, Dataset
 from bpfree.methods import HParams, Method, Task, get_method
-from bpfree.records import SCHEMA_VERSION, Status, unit_is_done, write_csv, write_json
+from bpfree.records import (
+    COMPLETE,
+    LOCK_NAME,
+    SCHEMA_VERSION,
+    LockHeld,
+    RecordsError,
+    Status,
+    exclusive,
+    read_json,
+    read_unit,
+    remove_stale_temporaries,
+    unit_is_done,
+    write_csv,
+    write_json,
+)
 
 TRAIN_SAMPLE = 2000  # training examples shown to data-dependent initialisers
 TRAIN_EVAL = 10000  # training examples on which train accuracy is measured each epoch
@@ -265,6 +279,8 @@ def method_diagnostics(
 class UnitResult:
     records: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+    # Set when this process did not train the unit because another one holds its lock.
+    busy: str | None = None
 
 
 def build_method(cls: type[Method], config: HParams, data: Dataset, seed: int,
@@ -413,14 +429,73 @@ def summarise(ident: dict[str, Any], setup: Setup, progress: Progress, status: S
     }
 
 
+# What a unit folder's records say about the unit: resuming or reusing it under any other
+# value would mix two budgets in one unit (the run folder's own check is records.start_run).
+UNIT_BUDGET = ("method", "dataset", "seed", "config", "epochs", "batch_size", "device",
+               "inference_runs")
+
+
+def _config_change(before: str, now: str) -> str:
+    try:
+        old, new = json.loads(before), json.loads(now)
+    except (TypeError, ValueError):
+        return f"config={before!r}, this run {now!r}"
+    keys = sorted(k for k in {*old, *new} if old.get(k, "-") != new.get(k, "-"))
+    return "config " + ", ".join(f"{k}={old.get(k, '-')!r}, this run {new.get(k, '-')!r}"
+                                 for k in keys)
+
+
+def check_unit(unit_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The unit's recorded row (`records.read_unit`) if its records were made with the budget
+    of `ident`, None if it has none; a RecordsError naming the first key that differs
+    otherwise. Extending a finished unit to more epochs is refused too: its summary, its
+    time to target and its learning-rate schedule were made for the shorter budget."""
+    for name in ("summary.json", "unit.json"):
+        if (unit_dir / name).is_file():
+            recorded = read_json(unit_dir / name)
+            break
+    else:
+        return read_unit(unit_dir)
+    for key in UNIT_BUDGET:
+        if key not in recorded or recorded[key] == ident[key]:
+            continue
+        change = (_config_change(recorded[key], ident[key]) if key == "config" else
+                  f"{key}={recorded[key]!r}, this run {ident[key]!r}")
+        hint = (" (a finished unit is not extended: train the longer budget into a new "
+                "--out DIR)" if key == "epochs" and name == "summary.json" else "")
+        raise RecordsError(f"{unit_dir / name} was made with {change}; a unit folder holds "
+                           f"one budget: pass another --out DIR{hint}")
+    return read_unit(unit_dir)
+
+
 def run_unit(
-    unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool = False
+    unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool = False,
+    lock: bool = True,
 ) -> UnitResult:
-    """Train and measure one unit, resuming from its checkpoint if one exists."""
+    """Train and measure one unit, resuming from its checkpoint if one exists.
+
+    The unit folder's lock is held throughout (`lock=False`: the caller holds it), so no two
+    processes ever train one unit; another holder raises `records.LockHeld`. Once it holds
+    the lock the unit is checked again: records of another budget are refused, and a unit
+    done meanwhile (by a process that held the lock before) is returned as it is, untrained.
+    """
+    if not lock:
+        return _run_unit(unit, data, budget, unit_dir, progress)
+    with exclusive(unit_dir / LOCK_NAME, wait_s=0):
+        return _run_unit(unit, data, budget, unit_dir, progress)
+
+
+def _run_unit(unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool
+              ) -> UnitResult:
     device = resolve_device(budget.device)
     info = DATASETS.get(data.name)
     target = budget.target_accuracy or (info.target_accuracy if info else None)
     ident = identity(unit, get_method(unit.method), unit.config(), data, budget, device)
+    row = check_unit(unit_dir, ident)
+    if row is not None and row["status"] in COMPLETE:
+        rec = unit_dir / "records.csv"
+        return UnitResult(pd.read_csv(rec) if rec.is_file() else pd.DataFrame(), row)
+    remove_stale_temporaries(unit_dir)
     (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
     write_json(unit_dir / "unit.json", ident)
 
@@ -471,26 +546,71 @@ def run_units(
     progress: bool = False,
 ) -> list[UnitResult]:
     """Run every unit not yet done; a unit that raises is recorded as failed and the rest go on.
-    Returns the result of every unit run now, failed ones included (status `failed`)."""
+    Returns the result of every unit run now, failed ones included (status `failed`), and of
+    those another process is training (skipped here, `busy` set: that process finishes them).
+
+    A RecordsError (a record that cannot be read or loaded, a budget that differs, a disk that
+    is full) stops the run instead: it needs a decision (delete the file, another --out, free
+    space) that retrying every other unit would not make.
+    """
     from bpfree.records import merge_run
 
     results = []
-    for unit in tqdm(units, desc="units", disable=not progress):
+    todo = pending(units, data, budget, run_dir)  # every record checked before any training
+    for unit in tqdm(todo, desc="units", disable=not progress):
         unit_dir = run_dir / "units" / unit.id
-        if unit_is_done(unit_dir):
+        if _done(unit, data[unit.dataset], budget, unit_dir):  # by another process meanwhile
             continue
         try:
-            results.append(run_unit(unit, data[unit.dataset], budget, unit_dir, progress))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # a broken unit must not stop the sweep; record why
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            failure = {"unit": unit.id, "method": unit.method, "dataset": unit.dataset,
-                       "seed": unit.seed, "preset": unit.preset, "status": Status.FAILED.value,
-                       "error": f"{type(exc).__name__}: {exc}"}
-            write_json(unit_dir / "failed.json", failure)
-            results.append(UnitResult(pd.DataFrame(), failure))
+            with exclusive(unit_dir / LOCK_NAME, wait_s=0):  # failed.json too is written under it
+                results.append(_attempt(unit, data[unit.dataset], budget, unit_dir, progress))
+        except LockHeld as exc:
+            results.append(UnitResult(pd.DataFrame(), {"unit": unit.id}, busy=exc.holder))
+            continue
         merge_run(run_dir)
     merge_run(run_dir)
     return results
+
+
+def pending(units: list[Unit], data: dict[str, Dataset], budget: Budget, run_dir: Path
+            ) -> list[Unit]:
+    """The units of `run_dir` not done yet. Every unit's records are read and checked
+    against the budget, so a corrupt record or another budget is refused before anything
+    trains."""
+    return [u for u in units
+            if not _done(u, data[u.dataset], budget, run_dir / "units" / u.id)]
+
+
+def _done(unit: Unit, data: Dataset, budget: Budget, unit_dir: Path) -> bool:
+    """Whether the unit is done, with this budget: a done unit of another budget is a
+    RecordsError (`check_unit`), not a result to keep under this one."""
+    try:
+        ident = identity(unit, get_method(unit.method), unit.config(), data, budget,
+                         resolve_device(budget.device))
+    except Exception:  # it cannot even start: `_attempt` records why
+        return unit_is_done(unit_dir)
+    row = check_unit(unit_dir, ident)
+    return row is not None and row["status"] in COMPLETE
+
+
+def _attempt(unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progress: bool
+             ) -> UnitResult:
+    """`run_unit` under a lock the caller holds; an exception other than a RecordsError is
+    recorded in failed.json (a broken unit must not stop the run) and returned as a result."""
+    try:
+        return run_unit(unit, data, budget, unit_dir, progress, lock=False)
+    except (KeyboardInterrupt, SystemExit, RecordsError):
+        raise
+    except Exception as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        failure = {"unit": unit.id, "method": unit.method, "dataset": unit.dataset,
+                   "seed": unit.seed, "preset": unit.preset, "epochs": budget.epochs,
+                   "batch_size": budget.batch_size, "device": budget.device,
+                   "status": Status.FAILED.value, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            failure["config"] = json.dumps(asdict(unit.config()), sort_keys=True)
+        except Exception:  # the unit failed because its configuration cannot be made
+            failure["config"] = "{}"
+        write_json(unit_dir / "failed.json", failure)
+        return UnitResult(pd.DataFrame(), failure)

@@ -11,12 +11,16 @@ A run folder (`results/runs/<name>/`) holds:
         checkpoint.pt      method state + RNG state after the last finished epoch (resume point)
         summary.json       written last: its presence means the unit is done
         failed.json        the error of a unit that raised; a re-run retries it
+        .lock              held (flock) by the process training the unit
 
 Every file is written to a temporary name, flushed to disk and renamed into place (atomic
 on POSIX), so an interrupted run leaves either the old or the new version, never half a
-file; files get the permissions of the user's umask, like any other file they write. Units
-write only into their own folder, so several processes (a sweep's workers) can share one
-run folder. The columns are documented in docs/records.md.
+file; files get the permissions of the user's umask, like any other file they write. A
+temporary left by a kill between write and rename is removed when its unit next starts.
+Units write only into their own folder, and a process trains a unit only while it holds the
+unit's lock, so several processes (a sweep's workers, two `bpfree run`s) can share one run
+folder without training a unit twice; meta.json is rewritten under the run folder's lock.
+The columns are documented in docs/records.md; locks and safe loading in its last sections.
 
 This module is the one reader of a unit's status (`read_unit`), for the harness, sweeps and
 reports alike, and it imports no torch, so that reports can be made without it.
@@ -24,10 +28,16 @@ reports alike, and it imports no torch, so that reports can be made without it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -59,7 +69,16 @@ COMPLETE = (Status.FINISHED, Status.DIVERGED)
 
 
 class RecordsError(ValueError):
-    """A record file that cannot be used (corrupt, another schema): one line naming it."""
+    """A record file that cannot be used (corrupt, another schema, unwritable): one line
+    naming it and what to do."""
+
+
+class LockHeld(Exception):
+    """Another process holds a lock: `holder` is what it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -76,19 +95,39 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     The temporary file is made with mkstemp (mode 0600) and then given the mode a plain
     `open` would have, 0666 minus the umask, so reports and records can be shared.
+    A failure to write (disk full, read-only or vanished folder) is a RecordsError naming
+    the file: nothing was replaced, and the same command resumes once it is fixed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise RecordsError(f"cannot write {path} ({_reason(exc)}); {_fix(exc)}, then run "
+                               f"the same command again (what was written is kept)") from None
         raise
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _fix(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    return "make the folder writable or pass a writable --out DIR"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -192,11 +231,111 @@ def collect(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return rec, pd.DataFrame(summaries)
 
 
+# --- locks, temporaries and output folders -----------------------------------------------
+
+LOCK_NAME = ".lock"  # in a unit folder: its trainer; in a run folder: meta.json's writer
+DRIVER_LOCK_NAME = ".driver.lock"  # in a sweep folder: the one driver running it
+# The files the harness writes into a unit folder: their stale temporaries are removed when
+# the unit starts (only the holder of the unit's lock writes them, so none is in use).
+UNIT_FILES = ("unit.json", "records.csv", "checkpoint.pt", "summary.json", "model.pt")
+# Names bpfree itself may leave in an output folder before its meta.json exists.
+_OWN_NAMES = re.compile(r"\.(lock|driver\.lock|write-test\.\d+|meta\.json\..+\.tmp)")
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+@contextmanager
+def exclusive(path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block.
+
+    `wait_s`: None waits as long as it takes; 0 tries once; otherwise polls that long. A lock
+    still held then raises LockHeld. The lock is `flock` on an open file description, so it
+    is released when the holder exits or is killed, whatever the way, and it excludes other
+    processes, and other opens in the same process, alike. It works on local filesystems and
+    on NFSv4 (where Linux maps it to a POSIX byte-range lock); docs/records.md says more.
+    The holder writes its pid and host into the file, for the messages of those who wait.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise RecordsError(f"cannot write {path} ({_reason(exc)}); {_fix(exc)}") from None
+    try:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait_s is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise LockHeld(path, _holder(path)) from None
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds without the note
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(unit_dir: Path) -> list[Path]:
+    """Delete the temporaries a kill between write and rename left in a unit folder (call it
+    only while holding the unit's lock); returns what was removed."""
+    removed = []
+    for name in UNIT_FILES:
+        for tmp in unit_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _foreign(run_dir: Path) -> list[str]:
+    """The entries of a folder that bpfree did not put there (empty for a bpfree run)."""
+    if (run_dir / "meta.json").is_file() or not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if not _OWN_NAMES.fullmatch(p.name))
+
+
+def prepare_out(run_dir: Path) -> None:
+    """Make sure `run_dir` can become (or is) a run folder: not a folder of someone else's
+    files, and writable. Checked before anything is written, so a refused folder is left as
+    it was."""
+    foreign = _foreign(run_dir)
+    if foreign:
+        raise RecordsError(f"{run_dir} holds files but is not a bpfree run (no meta.json; "
+                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                           f"pass an empty or new --out DIR")
+    probe = run_dir / f".write-test.{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RecordsError(f"cannot write to {run_dir} ({_reason(exc)}); pass a writable "
+                           f"--out DIR") from None
+
+
+def _differ(key: str, before: Any, now: Any) -> str:
+    if key == "data":
+        return (f"was made on other data (fingerprint {before}, now {now}: other files, or "
+                f"another split of them)")
+    return f"was made with {key}={before!r}, this command says {now!r}"
+
+
 def start_run(run_dir: Path, spec: dict[str, Any], command: str, environment: dict[str, Any],
               budget_keys: tuple[str, ...], defaults: dict[str, Any] | None = None,
               invocation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Create a run folder's meta.json, or check it and record the resume: the one writer of
-    meta.json, for runs and sweeps alike.
+    meta.json, for runs and sweeps alike, under the run folder's lock (two processes starting
+    on one folder at once make one meta.json, and the second resumes it).
 
     - A folder that exists, holds files and has no meta.json is not a bpfree run: refused, so
       a user's own files are never overwritten.
@@ -207,26 +346,27 @@ def start_run(run_dir: Path, spec: dict[str, Any], command: str, environment: di
     - `invocation` holds what may differ on every invocation (a sweep's executor), recorded
       as the latest.
     """
+    prepare_out(run_dir)
     meta_path = run_dir / "meta.json"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if meta_path.is_file():
-        meta = read_json(meta_path)
-        old = meta.get("spec", {})
-        for key in budget_keys:
-            before = old.get(key, (defaults or {}).get(key))
-            if before != spec.get(key):
-                raise RecordsError(
-                    f"{run_dir} was made with {key}={before!r}, this command says "
-                    f"{spec.get(key)!r}; pass another --out DIR (a folder holds one budget)")
-        meta["spec"] = spec
-        meta.setdefault("resumed", []).append(now)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
-        raise RecordsError(f"{run_dir} holds files but is not a bpfree run (no meta.json); "
-                           f"pass an empty or new --out DIR")
-    else:
-        meta = {"command": command, "spec": spec, "started": now, "resumed": [], **environment}
-    meta.update(invocation or {})
-    write_json(meta_path, meta)
+    with exclusive(run_dir / LOCK_NAME):
+        prepare_out(run_dir)  # again, now that no other bpfree can be writing here
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if meta_path.is_file():
+            meta = read_json(meta_path)
+            old = meta.get("spec", {})
+            for key in budget_keys:
+                before = old.get(key, (defaults or {}).get(key))
+                if before != spec.get(key):
+                    raise RecordsError(
+                        f"{run_dir} {_differ(key, before, spec.get(key))}; pass another --out "
+                        f"DIR (a folder holds one budget: docs/records.md)")
+            meta["spec"] = spec
+            meta.setdefault("resumed", []).append(now)
+        else:
+            meta = {"command": command, "spec": spec, "started": now, "resumed": [],
+                    **environment}
+        meta.update(invocation or {})
+        write_json(meta_path, meta)
     return meta
 
 

@@ -24,6 +24,7 @@ import time
 import typing
 from collections import deque
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,19 @@ from tqdm.auto import tqdm
 from bpfree import options
 from bpfree.harness import Unit
 from bpfree.methods import ConfigError
-from bpfree.records import merge_run, start_run, unit_is_done, write_json
+from bpfree.records import (
+    COMPLETE,
+    DRIVER_LOCK_NAME,
+    LockHeld,
+    RecordsError,
+    exclusive,
+    merge_run,
+    prepare_out,
+    read_unit,
+    start_run,
+    unit_is_done,
+    write_json,
+)
 from bpfree.workers import Context, LocalPool, Pool, RayPool, start_ray
 
 if sys.version_info >= (3, 11):
@@ -78,6 +91,7 @@ class Sweep:
     batch_size: int = field(default=128, metadata={"check": lambda v: options.at_least("batch_size", v)})
     device: str = field(default="auto", metadata={"check": options.check_device})
     data_dir: str | None = None
+    tuned_dir: str | None = None  # tuned presets for preset = "tuned" (default results/tuned)
     val_fraction: float = field(default=0.0, metadata={"check": options.check_val_fraction})
     target_acc: float | None = field(default=None, metadata={"check": options.check_target_acc})
     max_retries: int = field(default=1, metadata={"check": lambda v: options.at_least("max_retries", v, 0)})
@@ -101,8 +115,9 @@ class Sweep:
     def units(self) -> list[SweepUnit]:
         """Every unit of the grid, hyperparameters validated; grouped by dataset so that a
         worker's cached dataset is reused by the units that follow."""
-        from bpfree.tune import resolve_preset
+        from bpfree.tune import TUNED_DIR, resolve_preset
 
+        tuned_dir = Path(self.tuned_dir) if self.tuned_dir else TUNED_DIR
         units: dict[str, SweepUnit] = {}
         for dataset, epochs, method in itertools.product(self.datasets, self.epochs, self.methods):
             tables = self.grid.get(method, ({},))
@@ -112,7 +127,7 @@ class Sweep:
             for point in points:
                 point = {key: str(value) for key, value in point.items()}
                 try:
-                    overrides = resolve_preset(method, dataset, self.preset, point)
+                    overrides = resolve_preset(method, dataset, self.preset, point, tuned_dir)
                     for seed in self.seeds:
                         unit = SweepUnit(method, dataset, seed, self.preset,
                                          tuple(sorted(overrides.items())), epochs)
@@ -286,17 +301,75 @@ def failure(unit: SweepUnit, ctx: Context, error: str) -> dict[str, Any]:
             "status": "failed", "error": error}
 
 
-def record_attempt(unit_dir: Path, attempt: int, outcome: dict[str, Any], seconds: float) -> None:
-    """Append this attempt to the unit's attempts.json, with the worker that ran it."""
+def _history(unit_dir: Path) -> list[dict[str, Any]]:
     path = unit_dir / "attempts.json"
-    history = json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordsError(f"{path}: corrupt ({exc}); delete it (the unit's attempt history "
+                           f"is then lost, its records are not)") from None
+    if not isinstance(history, list):
+        raise RecordsError(f"{path}: corrupt, expected a JSON list; delete it")
+    return history
+
+
+def begin_attempt(unit_dir: Path) -> int:
+    """Record an attempt as `running` before it is handed out, and return its number (one
+    more than the unit's attempts so far, over every invocation): an attempt whose driver
+    dies stays in attempts.json, and the next driver marks it `interrupted`."""
+    history = _history(unit_dir)
+    attempt = len(history) + 1
+    history.append({"attempt": attempt, "status": "running",
+                    "submitted": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
+    write_json(unit_dir / "attempts.json", history)
+    return attempt
+
+
+def _who(unit_dir: Path, attempt: int) -> dict[str, Any]:
+    """worker.json if the process running `attempt` got as far as writing it."""
     worker = unit_dir / "worker.json"
-    who = json.loads(worker.read_text()) if worker.is_file() else {}
-    if who.get("attempt") != attempt:
-        who = {}  # the process died before saying who it was
-    history.append({**who, "attempt": attempt, "seconds": round(seconds, 3),
+    try:
+        who = json.loads(worker.read_text()) if worker.is_file() else {}
+    except (OSError, ValueError):
+        who = {}
+    return who if isinstance(who, dict) and who.get("attempt") == attempt else {}
+
+
+def record_attempt(unit_dir: Path, attempt: int, outcome: dict[str, Any], seconds: float) -> None:
+    """Write the outcome of `attempt` into the unit's attempts.json, with the worker that
+    ran it (in place of its `running` entry)."""
+    history = [h for h in _history(unit_dir) if h.get("attempt") != attempt]
+    history.append({**_who(unit_dir, attempt), "attempt": attempt, "seconds": round(seconds, 3),
                     **{k: v for k, v in outcome.items() if k != "retry"}})
-    write_json(path, history)
+    write_json(unit_dir / "attempts.json", sorted(history, key=lambda h: h.get("attempt", 0)))
+
+
+def close_interrupted(unit_dir: Path) -> int:
+    """Close the attempts a dead driver left `running`; returns how many there were. Such an
+    attempt is `interrupted` (its unit resumes from its checkpoint), or, if its worker got to
+    finish the unit before it noticed, the unit's own status. Only the one driver of a sweep
+    folder (its driver lock) calls this."""
+    history = _history(unit_dir)
+    stale = [h for h in history if h.get("status") == "running"]
+    if not stale:
+        return 0
+    done = read_unit(unit_dir)
+    done = done if done is not None and done["status"] in COMPLETE else None
+    last = max(h.get("attempt", 0) for h in stale)
+    closed = []
+    for h in history:
+        if h.get("status") == "running":
+            h = {**_who(unit_dir, h.get("attempt")), **h, "status": "interrupted",
+                 "error": "the sweep driver stopped (killed?) before this attempt ended; its "
+                          "finished epochs were kept in the checkpoint"}
+            if done is not None and h["attempt"] == last:
+                h.update(status=str(done["status"]), error=None,
+                         note="finished after its driver stopped; outcome read from summary.json")
+        closed.append(h)
+    write_json(unit_dir / "attempts.json", closed)
+    return len(stale)
 
 
 @dataclass
@@ -310,34 +383,37 @@ class SweepResult:
 
 def drive(units: list[SweepUnit], pool: Pool, ctx: Context, max_retries: int,
           progress: Progress) -> tuple[int, int]:
-    """Run every unit to success or to 1 + max_retries failed attempts. (finished, failed)."""
-    queue: deque[tuple[SweepUnit, int]] = deque((u, 1) for u in units)
-    running: dict[str, tuple[SweepUnit, int, float]] = {}
+    """Run every unit to success or to 1 + max_retries failed attempts in this invocation.
+    Returns (finished, failed)."""
+    queue: deque[tuple[SweepUnit, int]] = deque((u, 1) for u in units)  # (unit, try here)
+    running: dict[str, tuple[SweepUnit, int, int, float]] = {}
     finished = failed = 0
     sweep_dir = Path(ctx.sweep_dir)
     last_merge = time.monotonic()
     while queue or running:
         while queue and len(running) < pool.capacity:
-            unit, attempt = queue.popleft()
+            unit, tries = queue.popleft()
+            attempt = begin_attempt(sweep_dir / "units" / unit.id)
             pool.submit(unit, attempt)
-            running[unit.id] = (unit, attempt, time.monotonic())
+            running[unit.id] = (unit, attempt, tries, time.monotonic())
         for unit, attempt, outcome in pool.wait(timeout=0.5):
-            _, _, started = running.pop(unit.id)
+            _, _, tries, started = running.pop(unit.id)
             unit_dir = sweep_dir / "units" / unit.id
             record_attempt(unit_dir, attempt, outcome, time.monotonic() - started)
             if outcome["status"] != "failed":
                 finished += 1
                 progress.event(f"{unit.id}: {outcome['status']}", advance=True)
-            elif outcome["retry"] and attempt <= max_retries:
-                queue.append((unit, attempt + 1))
+            elif outcome["retry"] and tries <= max_retries:
+                queue.append((unit, tries + 1))
                 progress.event(f"{unit.id}: attempt {attempt} failed ({outcome['error']}); "
                                f"retrying", advance=False, failure=True)
             else:
                 failed += 1
                 write_json(unit_dir / "failed.json", failure(unit, ctx, outcome["error"]))
-                progress.event(f"{unit.id}: failed after {attempt} attempt(s): "
+                progress.event(f"{unit.id}: failed after {tries} attempt(s): "
                                f"{outcome['error']}", advance=True, failure=True)
-        progress.refresh([(u, a) for u, a, _ in running.values()], finished, failed, sweep_dir)
+        progress.refresh([(u, a) for u, a, _, _ in running.values()], finished, failed,
+                         sweep_dir)
         if time.monotonic() - last_merge > MERGE_EVERY_S:
             merge_run(sweep_dir)
             last_merge = time.monotonic()
@@ -368,7 +444,6 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
 
     `gpu_resource` names the Ray resource a unit's GPU share is taken from: "GPU", or in
     tests a custom resource that stands in for a GPU on a machine without one."""
-    from bpfree.harness import resolve_device
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
@@ -379,6 +454,22 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
     units = sweep.units()
     sweep_dir = sweep_dir.resolve()
     retries = sweep.max_retries if max_retries is None else max_retries
+    prepare_out(sweep_dir)  # someone else's folder, or an unwritable one: refused first
+    try:
+        with exclusive(sweep_dir / DRIVER_LOCK_NAME, wait_s=0):
+            return _run_sweep(sweep, sweep_dir, units, executor, address, max_parallel,
+                              retries, progress, gpu_resource)
+    except LockHeld as exc:
+        raise RecordsError(f"another bpfree sweep ({exc.holder}) is running in {sweep_dir}; "
+                           f"wait for it to end, or pass another --out DIR") from None
+
+
+def _run_sweep(sweep: Sweep, sweep_dir: Path, units: list[SweepUnit], executor: str,
+               address: str | None, max_parallel: int | None, retries: int, progress: bool,
+               gpu_resource: str) -> SweepResult:
+    """run_sweep's work, under the sweep folder's driver lock."""
+    from bpfree.harness import resolve_device
+
     owns_ray = start_ray(address) if executor == "ray" else False
     try:
         if executor == "ray":
@@ -413,7 +504,12 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, executor: str = "local",
                               "max_parallel": capacity, "max_retries": retries,
                               "torch_threads": threads})
 
+        interrupted = sum(close_interrupted(sweep_dir / "units" / u.id) for u in units)
         todo = [u for u in units if not unit_is_done(sweep_dir / "units" / u.id)]
+        if interrupted:
+            print(f"bpfree: {interrupted} attempt(s) of a previous driver were interrupted "
+                  f"(attempts.json); their units resume from their checkpoints",
+                  file=sys.stderr)
         bar = Progress(len(units), len(units) - len(todo), capacity, progress)
         pool: Pool = RayPool(ctx, capacity) if executor == "ray" else LocalPool(ctx, capacity)
         try:

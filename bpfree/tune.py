@@ -7,15 +7,16 @@ same epochs, under the same ASHA scheduler, over the method's own declared `sear
 the test split is dropped in `tuning_split`, before any trial sees the data, so no trial
 can evaluate it, let alone select on it.
 
-The chosen configuration is written to `results/tuned/<method>__<dataset>.json`;
-`bpfree run --set preset=tuned` (and `preset = "tuned"` in a sweep) read it back through
-`resolve_preset`. This module imports Ray only inside `tune_method`, so resolving a tuned
-preset needs no Ray.
+The chosen configuration is written to `<out>/<method>__<dataset>.json` (`--out`, default
+`results/tuned`), and Ray Tune's trial folders to `<out>/trials/`: everything a search writes
+is under the one folder it was given. `bpfree run --set preset=tuned` (and `preset = "tuned"`
+in a sweep) read it back through `resolve_preset`, from results/tuned or from `--tuned-dir`
+(`tuned_dir` in a sweep file). This module imports Ray only inside `tune_method`, so
+resolving a tuned preset needs no Ray.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -28,10 +29,10 @@ from bpfree.data import load_dataset
 from bpfree.harness import batches, build_method, diverged, evaluate, resolve_device, train_epoch
 from bpfree.methods import ConfigError, get_method
 from bpfree.methods.base import TUNED_PRESET
-from bpfree.records import write_json
+from bpfree.records import read_json, write_json
 
 TUNED_DIR = Path("results/tuned")
-TUNE_STORAGE = Path("results/runs/tune")  # Ray Tune's own trial folders (git-ignored)
+TRIALS = "trials"  # Ray Tune's own trial folders, inside the tuned-preset folder
 REDUCTION_FACTOR = 3  # ASHA keeps the best third of trials at each rung
 
 
@@ -39,17 +40,23 @@ def tuned_path(method: str, dataset: str, tuned_dir: Path = TUNED_DIR) -> Path:
     return tuned_dir / f"{method}__{dataset}.json"
 
 
-def resolve_preset(method: str, dataset: str, preset: str,
-                   overrides: dict[str, Any]) -> dict[str, Any]:
-    """The overrides a unit gets: for the tuned preset, the tuned configuration with the
-    user's overrides on top (see `methods.base.TUNED_PRESET`); otherwise `overrides`."""
+def resolve_preset(method: str, dataset: str, preset: str, overrides: dict[str, Any],
+                   tuned_dir: Path = TUNED_DIR) -> dict[str, Any]:
+    """The overrides a unit gets: for the tuned preset, the tuned configuration in
+    `tuned_dir` with the user's overrides on top (see `methods.base.TUNED_PRESET`);
+    otherwise `overrides`."""
     if preset != TUNED_PRESET:
         return dict(overrides)
-    path = tuned_path(method, dataset)
+    path = tuned_path(method, dataset, tuned_dir)
     if not path.is_file():
+        out = "" if tuned_dir == TUNED_DIR else f" --out {tuned_dir}"
         raise ConfigError(f"no tuned preset for {method} on {dataset} ({path} is missing); "
-                          f"run `bpfree tune {method} --dataset {dataset}` first")
-    return {**json.loads(path.read_text())["config"], **overrides}
+                          f"run `bpfree tune {method} --dataset {dataset}{out}` first")
+    config = read_json(path).get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds no tuned config; run `bpfree tune {method} "
+                          f"--dataset {dataset}` again")
+    return {**config, **overrides}
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,11 @@ def tune_method(method: str, dataset: str, trials: int, epochs: int, preset: str
                 fixed: dict[str, Any] | None = None, val_fraction: float = 0.1,
                 batch_size: int = 128, device: str = "cpu", seed: int = 0,
                 data_dir: str | None = None, address: str | None = None,
-                cpus_per_trial: int = 1, out_dir: Path = TUNED_DIR,
-                storage: Path = TUNE_STORAGE) -> tuple[Path, dict[str, Any]]:
-    """Run the equal-budget search and write the chosen preset; returns (path, its content)."""
+                cpus_per_trial: int = 1, out_dir: Path = TUNED_DIR
+                ) -> tuple[Path, dict[str, Any]]:
+    """Run the equal-budget search and write the chosen preset; returns (path, its content).
+    Everything it writes goes under `out_dir`: the preset, and Ray Tune's trials in
+    `out_dir/trials/`."""
     from bpfree.provenance import git_commit
     from bpfree.workers import start_ray
 
@@ -145,6 +154,12 @@ def tune_method(method: str, dataset: str, trials: int, epochs: int, preset: str
     if trials < 1 or epochs < 1:
         raise ConfigError("--trials and --epochs must be >= 1")
     tuning_split(dataset, data_dir, val_fraction)  # a bad dataset or path fails here, once
+    storage = out_dir / TRIALS
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out_dir} ({exc.strerror}); pass a writable "
+                          f"--out DIR") from None
     owns_ray = start_ray(address)
     try:
         from ray import tune

@@ -1,10 +1,11 @@
 """Where a sweep's attempts run: one attempt of one unit in a worker process, and the pools
 that start them (local processes, or Ray tasks).
 
-An attempt is `execute`: it trains through the harness's `run_unit`, which writes the unit's
-folder itself, and returns only a small outcome. Every attempt runs in a process of its own so
-that a crash, an OOM kill or a `kill -9` loses that attempt and nothing else; the driver
-(`benchmarks/sweep.py`) records it and decides on a retry.
+An attempt is `execute`: it takes the unit's lock, trains through the harness's `run_unit`,
+which writes the unit's folder itself, and returns only a small outcome. Every attempt runs in
+a process of its own so that a crash, an OOM kill or a `kill -9` loses that attempt and
+nothing else; the driver (`bpfree/sweep.py`) records it and decides on a retry. Local workers
+die with their driver (`_die_with_driver`), so a killed driver leaves no process training on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import platform
 import signal
 import socket
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +30,7 @@ import torch
 from bpfree.data import Dataset, load_dataset
 from bpfree.harness import Budget, run_unit
 from bpfree.methods import ConfigError
-from bpfree.records import write_json
+from bpfree.records import LOCK_NAME, RecordsError, exclusive, write_json
 
 if TYPE_CHECKING:
     from bpfree.sweep import SweepUnit
@@ -65,27 +68,36 @@ def _dataset(name: str, data_dir: str | None, val_fraction: float) -> Dataset:
 def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
     """Run one attempt of a unit; the Ray task and the local child process both call this.
 
-    Exceptions are returned, not raised, so the driver tells user mistakes (not retried: they
-    would fail again) from other errors. A dead process returns nothing; the driver sees that.
+    It first takes the unit's lock, waiting if another process holds it (the worker of a
+    driver that died and has not stopped yet, or a `bpfree run` into this folder): the
+    harness then finds the unit as that process left it, and never trains it twice.
+
+    Exceptions are returned, not raised, so the driver tells user mistakes and unusable
+    records (not retried: they would fail again) from other errors. A dead process returns
+    nothing; the driver sees that.
     """
     torch.set_num_threads(ctx.threads)
     unit_dir = Path(ctx.sweep_dir) / "units" / unit.id
-    write_json(unit_dir / "worker.json", {
-        "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
-        "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-        "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
-                        and torch.cuda.is_available()
-                        else platform.processor() or platform.machine()),
-        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpu_share": _gpu_share(ctx),
-    })
     try:
-        data = _dataset(unit.dataset, ctx.data_dir, ctx.val_fraction)
-        budget = Budget(epochs=unit.epochs, batch_size=ctx.batch_size, device=ctx.device,
-                        target_accuracy=ctx.target_acc, inference_runs=ctx.inference_runs,
-                        keep_model=ctx.keep_model)
-        result = run_unit(unit, data, budget, unit_dir)
+        waited = time.monotonic()
+        with exclusive(unit_dir / LOCK_NAME):
+            waited = time.monotonic() - waited
+            write_json(unit_dir / "worker.json", {
+                "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
+                                and torch.cuda.is_available()
+                                else platform.processor() or platform.machine()),
+                "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "lock_wait_s": round(waited, 3),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpu_share": _gpu_share(ctx),
+            })
+            data = _dataset(unit.dataset, ctx.data_dir, ctx.val_fraction)
+            budget = Budget(epochs=unit.epochs, batch_size=ctx.batch_size, device=ctx.device,
+                            target_accuracy=ctx.target_acc, inference_runs=ctx.inference_runs,
+                            keep_model=ctx.keep_model)
+            result = run_unit(unit, data, budget, unit_dir, lock=False)
         finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         return {"status": result.summary["status"], "error": None, "retry": False,
                 "finished": finished}
@@ -93,7 +105,8 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                "retry": not isinstance(exc, ConfigError), "traceback": traceback.format_exc()}
+                "retry": not isinstance(exc, (ConfigError, RecordsError)),
+                "traceback": traceback.format_exc()}
 
 
 def _gpu_share(ctx: Context) -> float | None:
@@ -132,16 +145,42 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
-def _local_worker(conn: Any, ctx: Context, gpu: int | None) -> None:
+def _die_with_driver(alive: Any) -> None:
+    """End this worker as soon as its driver ends, however it ends (a SIGKILL included).
+
+    `alive` is the read end of a pipe whose only write end the driver holds: the kernel
+    closes it when the driver dies, and a thread here reads EOF and kills this process. A
+    local worker's parent is the forkserver, not the driver, and the forkserver stays up
+    while any of its children lives, so neither the parent's death (prctl PR_SET_PDEATHSIG)
+    nor adoption by init would ever come: without this the worker would train on, unseen,
+    writing into a folder that a restarted sweep is using.
+    """
+
+    def watch() -> None:
+        try:
+            while True:
+                alive.recv()  # the driver never sends: this returns only at EOF
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="bpfree-driver-watch", daemon=True).start()
+
+
+def _local_worker(conn: Any, alive: Any, ctx: Context, gpu: int | None) -> None:
     """A local worker's life: attempts from the driver, one at a time, until it hangs up."""
+    _die_with_driver(alive)
     if gpu is not None:  # before anything touches CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     while True:
         try:
             unit, attempt = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the driver hung up, or died (ECONNRESET)
             return
-        conn.send(execute(unit, ctx, attempt))
+        try:
+            conn.send(execute(unit, ctx, attempt))
+        except OSError:  # it died while this attempt ran: nobody to tell
+            return
 
 
 @dataclass
@@ -156,7 +195,8 @@ class LocalPool:
 
     Workers fork from a forkserver that has imported torch once, and live across attempts, so
     a dataset loaded for one unit serves the next (as on Ray). A worker that dies is replaced
-    at the next submit: a crash or a kill costs one attempt, never the pool.
+    at the next submit: a crash or a kill costs one attempt, never the pool. Workers end when
+    the driver does (`_die_with_driver`): `self.alive` is the one write end of their pipe.
     """
 
     def __init__(self, ctx: Context, capacity: int) -> None:
@@ -167,11 +207,12 @@ class LocalPool:
             self.mp.set_forkserver_preload(["bpfree.sweep", "bpfree.workers"])
         self.gpus = torch.cuda.device_count() if ctx.device == "cuda" else 0
         self.slots = [_Slot() for _ in range(capacity)]
+        self.watched, self.alive = self.mp.Pipe(duplex=False)  # (read end, write end)
 
     def _start(self, i: int) -> _Slot:
         ours, theirs = self.mp.Pipe()
         gpu = i % self.gpus if self.gpus else None  # one GPU per worker, round robin
-        proc = self.mp.Process(target=_local_worker, args=(theirs, self.ctx, gpu),
+        proc = self.mp.Process(target=_local_worker, args=(theirs, self.watched, self.ctx, gpu),
                                name=f"bpfree-worker-{i}", daemon=True)
         proc.start()
         theirs.close()

@@ -1,7 +1,10 @@
 """Write a report's `Table`s, warnings and figures as Markdown, self-contained HTML and LaTeX.
 
 Notes may use two inline marks, `**bold**` and a back-quoted `name`, which each format
-translates; cell text is plain and escaped for each format.
+translates; cell text is plain and escaped for each format. Text from records (a command, a
+path, a device name, an error) is never markup in any of them: HTML's special characters are
+escaped in Markdown as in HTML, LaTeX's in LaTeX, and a line break, which would end a
+Markdown table row or a LaTeX comment and make the rest live, is shown as `\n`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ class Document:
     figures: list[tuple[str, str, bytes]]  # (key, title, PNG bytes)
 
 
+# Everything that ends a line for some reader (Python's str.splitlines, Markdown, TeX).
+LINE_BREAKS = re.compile(r"\r\n|[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break shown as the two characters `\n`."""
+    return LINE_BREAKS.sub(lambda _: "\\n", text)
+
+
+def md_text(text: str) -> str:
+    """Record text for Markdown: on one line, with no raw HTML (`<`, `>`, `&` as entities,
+    which every Markdown renderer shows as the characters)."""
+    return html.escape(one_line(text), quote=False)
+
+
 def _inline(text: str, bold: tuple[str, str], code: tuple[str, str]) -> str:
     text = re.sub(r"\*\*(.+?)\*\*", lambda m: bold[0] + m.group(1) + bold[1], text)
     return re.sub(r"`([^`]+)`", lambda m: code[0] + m.group(1) + code[1], text)
@@ -39,28 +57,30 @@ def _inline(text: str, bold: tuple[str, str], code: tuple[str, str]) -> str:
 
 
 def _md_cell(text: str, best: bool) -> str:
-    text = text.replace("|", "\\|")
+    text = md_text(text).replace("|", "\\|")
     return f"**{text}**" if best and text != "-" else text
 
 
 def markdown_table(table: Table) -> str:
     """A pipe table and its notes; a table without rows is its notes alone (they say why)."""
-    notes = "\n".join(f"{note}\n" for note in table.notes)
+    notes = "\n".join(f"{md_text(note)}\n" for note in table.notes)
     if not table.rows:
         return notes
     align = ["---:" if i in table.numeric else "---" for i in range(len(table.columns))]
-    lines = ["| " + " | ".join(table.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines = ["| " + " | ".join(_md_cell(c, False) for c in table.columns) + " |",
+             "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(_md_cell(c.text, c.best) for c in row) + " |" for row in table.rows]
     return "\n".join(lines) + "\n\n" + notes
 
 
 def markdown(doc: Document) -> str:
-    parts = [f"# {doc.title}\n\n{doc.intro}\n"]
-    parts += [f"> **Warning:** {w}\n" for w in doc.warnings]
+    parts = [f"# {md_text(doc.title)}\n\n{md_text(doc.intro)}\n"]
+    parts += [f"> **Warning:** {md_text(w)}\n" for w in doc.warnings]
     for table in [doc.runs, *doc.tables]:
-        parts.append(f"## {table.title}\n\n{markdown_table(table)}")
+        parts.append(f"## {md_text(table.title)}\n\n{markdown_table(table)}")
         if table.key == "accuracy" and doc.failures:
-            parts.append("### Failed units\n\n" + "".join(f"- {f}\n" for f in doc.failures))
+            parts.append("### Failed units\n\n" + "".join(f"- {md_text(f)}\n"
+                                                            for f in doc.failures))
     parts.append("## Plots\n")
     parts += [f"### {title}\n\n![{title}]({key}.png)\n" for key, title, _ in doc.figures]
     return "\n".join(parts)
@@ -148,7 +168,14 @@ TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#
 
 
 def tex_escape(text: str) -> str:
-    return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
+    """Text for a LaTeX cell or caption: special characters escaped, line breaks as spaces
+    (an empty line would end the paragraph inside a table)."""
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in LINE_BREAKS.sub(" ", text))
+
+
+def tex_comment(text: str) -> str:
+    """A `%` comment line holding `text`: on one line, or the rest would be live LaTeX."""
+    return "% " + one_line(text)
 
 
 def _tex_header(text: str) -> str:
@@ -187,8 +214,8 @@ def tex_table(table: Table) -> str:
 def latex(doc: Document) -> str:
     """booktabs tables, one `table` float each; provenance as comments."""
     head = ["% bpfree report tables. Needs \\usepackage{booktabs,graphicx,array}.",
-            f"% {doc.intro}"]
+            tex_comment(doc.intro)]
     for row in doc.runs.rows:
-        head.append("% run: " + " | ".join(c.text for c in row))
-    head += [f"% WARNING: {w}" for w in doc.warnings]
+        head.append(tex_comment("run: " + " | ".join(c.text for c in row)))
+    head += [tex_comment(f"WARNING: {w}") for w in doc.warnings]
     return "\n".join(head) + "\n\n" + "\n".join(tex_table(t) for t in doc.tables if t.rows)

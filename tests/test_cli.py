@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 from bpfree.methods import all_methods
 
+from bpfree import checkpoints
 from bpfree.cli import main
 from bpfree.cost import build_method
 from bpfree.measure import count_flops
+from tests.test_data import write_mnist
 
 
 def test_list_shows_every_registered_method_dataset_and_suite(capsys):
@@ -107,36 +114,280 @@ def test_cost_measures_every_method_and_input(tmp_path, capsys):
         assert row["img_s"] == pytest.approx(8 / (row["ms_step"] / 1e3))
 
 
+RUN = ["run", "--methods", "backprop", "--dataset", "synthetic", "--epochs", "1", "--seeds", "0",
+       "--set", "arch=mlp", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-unit run folder of RUN, made once; cases copy it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main([*RUN, "--out", str(out)]) == 0
+    return out
+
+
+def _unit(run: Path) -> Path:
+    return next((run / "units").iterdir())
+
+
+def _copy_run(ctx) -> None:
+    shutil.copytree(ctx.finished_run, ctx.tmp / "run")
+
+
+def _corrupt_summary(ctx) -> None:
+    _copy_run(ctx)
+    (_unit(ctx.tmp / "run") / "summary.json").write_text('{"schema": 1, "unit": ')
+
+
+def _unfinished(ctx) -> Path:
+    """The run with its unit cut back to 'running' (summary gone): the next run resumes it."""
+    _copy_run(ctx)
+    unit = _unit(ctx.tmp / "run")
+    (unit / "summary.json").unlink()
+    return unit
+
+
+def _truncated_checkpoint(ctx) -> None:
+    unit = _unfinished(ctx)
+    torch.save({"method": {}, "rows": [], "cum_time": 0.0, "images": 0, "rng": {}},
+               unit / "checkpoint.pt")
+    data = (unit / "checkpoint.pt").read_bytes()
+    (unit / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+
+
+def _other_data(ctx) -> None:
+    """The run, as if trained on other files of the same dataset (another fingerprint)."""
+    _copy_run(ctx)
+    meta = json.loads((ctx.tmp / "run" / "meta.json").read_text())
+    meta["spec"]["data"] = "0123456789ab"
+    (ctx.tmp / "run" / "meta.json").write_text(json.dumps(meta))
+
+
+def _foreign_files(ctx) -> None:
+    (ctx.tmp / "run").mkdir()
+    (ctx.tmp / "run" / "thesis.tex").write_text("mine")
+
+
+def _mnist(ctx, damage) -> None:
+    folder = ctx.tmp / "mnist"
+    write_mnist(folder, gz=True)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+
+
+def _sweep_file(ctx) -> None:
+    (ctx.tmp / "tiny.toml").write_text('methods = "backprop"\ndatasets = "synthetic"\n'
+                                       'seeds = 0\nepochs = 1\n')
+
+
+def _not_utf8_sweep(ctx) -> None:
+    (ctx.tmp / "tiny.toml").write_bytes(b'methods = "backprop"\n# caf\xe9\n')
+
+
+def _disk_full(ctx) -> None:
+    real_open = open
+    ctx.monkeypatch.setattr(checkpoints, "open", lambda path, mode: real_open("/dev/full", mode),
+                            raising=False)
+
+
+def _bad_baseline(ctx, text: str) -> None:
+    (ctx.tmp / "ci.csv").write_text(text)
+    ctx.monkeypatch.setattr("bpfree.check.measure_all",
+                            lambda **kw: pytest.fail("measured before checking the baseline"))
+
+
+def _offline(ctx) -> None:
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    ctx.monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (ctx.tmp / "mnist").mkdir()
+
+
 @pytest.mark.parametrize(
-    "args,message",
+    "setup,args,message",
     [
-        (["run", "--methods", "nope"], "unknown method 'nope'"),
-        (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-        (["run", "--methods", "backprop", "--set", "nokey=1"], "no selected method has a hyperparameter 'nokey'"),
-        (["run", "--methods", "backprop", "--set", "lr=abc"], "lr='abc' is not a valid float"),
-        (["run", "--methods", "backprop", "--set", "lr=-1"], "lr must be a finite number > 0"),
-        (["run", "--methods", "backprop", "--set", "lr=nan"], "lr must be a finite number > 0"),
-        (["run", "--methods", "backprop", "--set", "lr=inf"], "lr must be a finite number > 0"),
-        (["run", "--methods", "backprop", "--inference-runs", "0"], "--inference-runs must be >= 1"),
-        (["evaluate", "{tmp}"], "is not a bpfree run folder"),
-        (["run", "--methods", "backprop", "--set", "preset=nope"], "unknown preset 'nope'"),
-        (["run", "--methods", "backprop", "--seeds", "a,b"], "--seeds"),
-        (["run", "--methods", "backprop", "--dataset", "mnist"], "needs --data-dir"),
-        (["run", "--methods", "backprop", "--dataset", "mnist", "--data-dir", "{tmp}"],
+        (None, ["run", "--methods", "nope"], "unknown method 'nope'"),
+        (None, ["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (None, ["run", "--methods", "backprop", "--set", "nokey=1"], "no selected method has a hyperparameter 'nokey'"),
+        (None, ["run", "--methods", "backprop", "--set", "lr=abc"], "lr='abc' is not a valid float"),
+        (None, ["run", "--methods", "backprop", "--set", "lr=-1"], "lr must be a finite number > 0"),
+        (None, ["run", "--methods", "backprop", "--set", "lr=nan"], "lr must be a finite number > 0"),
+        (None, ["run", "--methods", "backprop", "--set", "lr=inf"], "lr must be a finite number > 0"),
+        (None, ["run", "--methods", "backprop", "--inference-runs", "0"], "--inference-runs must be >= 1"),
+        (None, ["evaluate", "{tmp}"], "is not a bpfree run folder"),
+        (None, ["run", "--methods", "backprop", "--set", "preset=nope"], "unknown preset 'nope'"),
+        (None, ["run", "--methods", "backprop", "--seeds", "a,b"], "--seeds"),
+        (None, ["run", "--methods", "backprop", "--dataset", "mnist"], "needs --data-dir"),
+        (None, ["run", "--methods", "backprop", "--dataset", "mnist", "--data-dir", "{tmp}"],
          "not found in {tmp}"),
-        (["run", "--methods", "backprop", "--out", "/proc/bpfree-cannot-write"], "pass a writable --out"),
-        (["report", "{tmp}"], "is not a bpfree run folder"),
-        (["cost", "--methods", "nope"], "unknown method 'nope'"),
-        (["cost", "--methods", "backprop", "--input", "imagenet"], "unknown input 'imagenet'"),
-        (["cost", "--methods", "backprop", "--repeats", "0"], "--repeats must be >= 1"),
+        (None, ["run", "--methods", "backprop", "--out", "/proc/bpfree-cannot-write"], "pass a writable --out"),
+        (None, ["report", "{tmp}"], "is not a bpfree run folder"),
+        (None, ["cost", "--methods", "nope"], "unknown method 'nope'"),
+        (None, ["cost", "--methods", "backprop", "--input", "imagenet"], "unknown input 'imagenet'"),
+        (None, ["cost", "--methods", "backprop", "--repeats", "0"], "--repeats must be >= 1"),
+        # validation: seeds, target accuracy, batch size, the --out folder
+        (None, [*RUN, "--seeds", "0,9223372036854775808"], "seed 9223372036854775808 does not fit in 64 bits"),
+        (None, [*RUN, "--seeds", "-9223372036854775809"], "does not fit in 64 bits"),
+        (None, [*RUN, "--seeds", "3,1,3"], "seed(s) 3 given twice"),
+        (None, [*RUN, "--target-acc", "0"], "target accuracy must be in (0, 1]"),
+        (None, [*RUN, "--target-acc", "95"], "target accuracy must be in (0, 1] (a fraction), got 95.0"),
+        (None, [*RUN, "--batch-size", "5000"], "--batch-size 5000 is larger than the 1024 training images"),
+        (_foreign_files, [*RUN, "--out", "{tmp}/run"], "holds files but is not a bpfree run"),
+        # data files
+        (lambda ctx: _mnist(ctx, lambda raw: raw[: len(raw) // 2]),
+         [*RUN, "--dataset", "mnist", "--data-dir", "{tmp}/mnist"], "is not a complete gzip file"),
+        (lambda ctx: _mnist(ctx, lambda raw: b"<html>not gzip</html>"),
+         [*RUN, "--dataset", "mnist", "--data-dir", "{tmp}/mnist"], "is not a complete gzip file"),
+        (_offline, [*RUN, "--dataset", "mnist", "--data-dir", "{tmp}/mnist", "--download"],
+         "--download of mnist failed"),
+        # sweep files and output folders
+        (_not_utf8_sweep, ["sweep", "{tmp}/tiny.toml"], "not UTF-8 text"),
+        (_sweep_file, ["sweep", "{tmp}/tiny.toml", "--out", "/proc/bpfree-cannot-write"],
+         "pass a writable --out"),
+        (_sweep_file, ["sweep", "{tmp}/tiny.toml", "--out", "/sys/bpfree-cannot-write"],
+         "pass a writable --out"),
+        (_copy_run, ["report", "{tmp}/run", "--out", "/proc/bpfree-cannot-write"],
+         "pass a writable --out"),
+        (_copy_run, ["report", "{tmp}/run", "--out", "/sys/bpfree-cannot-write"],
+         "pass a writable --out"),
+        # records met on resume, and a disk that fills up
+        (_corrupt_summary, [*RUN, "--out", "{tmp}/run"], "summary.json: corrupt JSON"),
+        (_truncated_checkpoint, [*RUN, "--out", "{tmp}/run"],
+         "checkpoint.pt cannot be loaded (corrupt or truncated"),
+        (_copy_run, [*RUN, "--epochs", "3", "--out", "{tmp}/run"],
+         "was made with epochs=1, this command says 3"),
+        (_copy_run, [*RUN, "--batch-size", "32", "--out", "{tmp}/run"],
+         "was made with batch_size=128, this command says 32"),
+        (_copy_run, [*RUN, "--val-fraction", "0.2", "--out", "{tmp}/run"],
+         "was made with val_fraction=0.0, this command says 0.2"),
+        (_copy_run, [*RUN, "--target-acc", "0.5", "--out", "{tmp}/run"],
+         "was made with target_acc=None, this command says 0.5"),
+        (_other_data, [*RUN, "--out", "{tmp}/run"],
+         "was made on other data (fingerprint 0123456789ab"),
+        (_disk_full, [*RUN, "--out", "{tmp}/run"], "checkpoint.pt (No space left on device); free some space"),
+        # the CI gate's baseline, checked before minutes of measuring
+        (lambda ctx: _bad_baseline(ctx, "method,flops\nbackprop,1\n"),
+         ["check", "--baseline", "{tmp}/ci.csv"], "the baseline lacks the column(s)"),
+        (lambda ctx: _bad_baseline(ctx, '"unclosed\n'), ["check", "--baseline", "{tmp}/ci.csv"],
+         "not a baseline CSV"),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(args, message, tmp_path, capsys):
+def test_user_mistakes_exit_2_with_one_line(setup, args, message, tmp_path, capsys, monkeypatch,
+                                            request):
+    if setup is not None:
+        ctx = SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch,
+                              finished_run=request.getfixturevalue("finished_run")
+                              if setup in NEEDS_RUN else None)
+        setup(ctx)
+    capsys.readouterr()
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("bpfree: error:")
+    assert err.count("\n") == 0 and err.startswith("bpfree: error:"), err
     assert message.replace("{tmp}", str(tmp_path)) in err
+
+
+NEEDS_RUN = {_copy_run, _corrupt_summary, _truncated_checkpoint, _other_data}
+
+
+def test_a_bad_data_folder_leaves_no_out_folder_behind(tmp_path, capsys):
+    (tmp_path / "mnist").mkdir()
+    assert main([*RUN, "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"),
+                 "--out", str(tmp_path / "new")]) == 2
+    assert "not found in" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+class Planted:
+    """Unpickling it runs a shell command: what a planted checkpoint.pt would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_is_refused_with_one_line_and_never_run(tmp_path, capsys,
+                                                                     finished_run):
+    ctx = SimpleNamespace(tmp=tmp_path, finished_run=finished_run)
+    unit = _unfinished(ctx)
+    marker = tmp_path / "pwned"
+    torch.save({"method": Planted(marker), "rows": [], "cum_time": 0.0, "images": 0, "rng": {}},
+               unit / "checkpoint.pt")
+    capsys.readouterr()
+    assert main([*RUN, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert err.count("\n") == 0 and str(unit / "checkpoint.pt") in err
+    assert "could run code: not loaded" in err and "delete it" in err
+    assert not marker.exists()
+
+
+def test_a_run_where_every_unit_fails_exits_1_and_says_so(tmp_path, capsys, monkeypatch):
+    from bpfree.methods.backprop import Backprop
+
+    def broken(self, x, y):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Backprop, "train_step", broken)
+    assert main([*RUN, "--seeds", "0,1", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "bpfree: all 2 unit(s) failed:" in err and "run the same command again" in err
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert set(summary["status"]) == {"failed"} and summary["error"].str.contains("boom").all()
+
+
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    for code in ("  0  everything asked for finished", "  1  some unit failed",
+                 "  2  a usage error"):
+        assert code in out
+
+
+TWO_PROCESS_SCRIPT = """
+import os, sys
+import bpfree.harness as harness
+log = sys.argv[1]
+summarise = harness.summarise
+def logged(ident, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write(f"{ident['unit']} {os.getpid()}\\n")
+    return summarise(ident, *args, **kwargs)
+harness.summarise = logged
+from bpfree.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_processes_on_one_folder_never_train_a_unit_twice(tmp_path):
+    """Each unit is trained by whichever process takes its lock first; the other skips it
+    (exit 1 if it had to leave one to the other) or finds it done. Whatever the timing,
+    every unit is trained exactly once and the folder ends complete."""
+    log = tmp_path / "trained.log"
+    args = [*RUN, "--seeds", "0,1,2,3", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(log), *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode in (0, 1) for p in procs), errors
+    trained = [line.split()[0] for line in log.read_text().splitlines()]
+    assert len(trained) == len(set(trained)) == 4, trained
+    for proc, err in zip(procs, errors):
+        if proc.returncode == 1:
+            assert "left to another process that is training them" in err
+    units = [json.loads(p.read_text())["status"]
+             for p in (tmp_path / "run" / "units").glob("*/summary.json")]
+    assert units == ["finished"] * 4
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

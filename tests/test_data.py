@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -80,7 +81,9 @@ def write_cifar(root, name: str, n: int = 12):
         folder, files, key = root / "cifar-100-python", ["train", "test"], b"fine_labels"
     folder.mkdir(parents=True)
     for f in files:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(range(n))}
+        classes = 10 if name == "cifar10" else 100
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key: [i % classes for i in range(n)]}
         with open(folder / f, "wb") as fh:
             pickle.dump(batch, fh)
     return files
@@ -92,7 +95,7 @@ def test_cifar_loader_reads_pickle_batches(tmp_path, name, classes, train_files)
     data = load_dataset(name, tmp_path)
     assert data.num_classes == classes
     assert data.train_x.shape == (12 * train_files, 3, 32, 32) and data.test_x.shape == (12, 3, 32, 32)
-    assert data.train_y[:12].tolist() == list(range(12))
+    assert data.train_y[:12].tolist() == [i % classes for i in range(12)]
 
 
 def test_missing_files_name_the_exact_path_and_flag(tmp_path):
@@ -114,3 +117,106 @@ def test_mnist_5k_is_the_bundled_real_subset():
     data = load_dataset("mnist-5k")
     assert len(data.train_x) == 4000 and len(data.test_x) == 1000
     assert torch.bincount(data.test_y).tolist() == [100] * 10
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("n_labels,message", [
+    (21, "20 train images but 21 labels"),  # 2,100 labels for 2,000 images, in small
+    (19, "20 train images but 19 labels"),
+])
+def test_images_and_labels_must_be_as_many(tmp_path, gz, n_labels, message):
+    write_mnist(tmp_path, n_train=20, gz=gz)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(n_labels) % 10, gz)
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset("mnist", tmp_path)
+    assert "train-images-idx3-ubyte" in str(info.value)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_labels_outside_the_classes_are_refused(tmp_path, gz):
+    write_mnist(tmp_path, n_test=20, gz=gz)
+    labels = np.arange(20) % 10
+    labels[7] = 10
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, gz)
+    with pytest.raises(DataError, match=r"test label 10 is outside the 10 classes 0\.\.9"):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: raw[: len(raw) // 2], "not a complete gzip file"),  # a cut download
+    (lambda raw: b"<html>404 Not Found</html>", "not a complete gzip file"),  # not gzip
+])
+def test_a_broken_gz_file_is_one_line_naming_it(tmp_path, damage, message):
+    write_mnist(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset("mnist", tmp_path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cifar_labels_and_images_are_checked(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch = {b"data": np.zeros((12, 3072), dtype=np.uint8), b"labels": list(range(11))}
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match="12 test_batch images but 11 labels"):
+        load_dataset("cifar10", tmp_path)
+    batch[b"labels"] = [0] * 11 + [10]
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match="label 10 is outside the 10 classes"):
+        load_dataset("cifar10", tmp_path)
+
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_cifar_batch_is_refused_without_running_it(tmp_path):
+    """A CIFAR batch is a pickle: the loader admits only what the format holds, so a file
+    that names any other callable is refused before it is called."""
+    write_cifar(tmp_path, "cifar100")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar-100-python" / "train"
+    path.write_bytes(pickle.dumps({b"data": Planted(marker), b"fine_labels": [0]}))
+    with pytest.raises(DataError, match=r"names posix\.system.*refused") as info:
+        load_dataset("cifar100", tmp_path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_the_restricted_loader_reads_every_pickle_protocol(tmp_path, protocol):
+    """Protocol 2 is the real files' (Python 2's cPickle); Python 3 writes 4 or 5."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, (6, 3072), dtype=np.uint8)
+    for name in ("train", "test"):
+        batch = {b"data": data, b"fine_labels": [0, 5, 99, 3, 2, 1], b"filenames": [b"a.png"],
+                 b"batch_label": b"training batch 1 of 1"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    loaded = load_dataset("cifar100", tmp_path)
+    assert loaded.train_y.tolist() == [0, 5, 99, 3, 2, 1]
+    expected = torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255.0
+    mean = torch.tensor((0.5071, 0.4865, 0.4409)).view(1, -1, 1, 1)
+    std = torch.tensor((0.2673, 0.2564, 0.2762)).view(1, -1, 1, 1)
+    assert torch.allclose(loaded.train_x, (expected - mean) / std, atol=1e-6)
+
+
+def test_a_download_without_network_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", tmp_path, download=True)
+    message = str(info.value)
+    assert message.startswith("--download of mnist failed") and "check the network" in message
+    assert "\n" not in message

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from bpfree.methods import Task
 from bpfree.methods.backprop import Backprop
 
+from bpfree import checkpoints
 from bpfree.data import Dataset, make_separable
-from bpfree.harness import Budget, Unit, run_units
-from bpfree.records import collect
+from bpfree.harness import DIVERGENCE_FACTOR, Budget, Unit, diverged, run_unit, run_units
+from bpfree.records import LOCK_NAME, RecordsError, collect, exclusive
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "records.md"
 
@@ -33,7 +40,7 @@ def test_records_and_summary_have_every_documented_column(tmp_path, tiny):
     assert len(summary) == 1 and summary.loc[0, "status"] == "finished"
     assert (records["cum_time_s"].diff().dropna() > 0).all()
     assert summary.loc[0, "params"] == sum(p.numel() for p in Backprop(
-        __import__("bpfree.methods").methods.Task((1, 16, 16), 4), Backprop.config_for("default", {"arch": "mlp"})
+        Task((1, 16, 16), 4), Backprop.config_for("default", {"arch": "mlp"})
     ).model.parameters())
     documented = set(re.findall(r"^\| `([a-z_0-9]+)`", DOCS.read_text(), flags=re.M))
     for column in [*records.columns, *summary.columns]:
@@ -134,3 +141,133 @@ def test_harness_tells_methods_the_epoch_length(tmp_path, monkeypatch):
     data = {"synthetic": Dataset("synthetic", 4, *make_separable(100, 20, 4, (1, 16, 16), seed=2))}
     run_units([UNIT], data, Budget(epochs=1, batch_size=30, warmup_steps=0), tmp_path)
     assert seen and set(seen) == {4}  # ceil(100 / 30), for the method and its measured copies
+
+
+ONE = Budget(epochs=1, batch_size=32, warmup_steps=1)
+
+
+def test_the_divergence_rule_catches_a_finite_blow_up():
+    loss = lambda v: {"loss": torch.tensor(v)}  # noqa: E731
+    assert diverged(loss(float("nan"))) and diverged(loss(float("inf")), 2.0)
+    assert diverged(loss(2.0 * DIVERGENCE_FACTOR + 1), first_loss=2.0)
+    assert not diverged(loss(2.0 * DIVERGENCE_FACTOR - 1), first_loss=2.0)
+    assert not diverged(loss(1e9))  # no first loss to compare with
+
+
+def test_a_huge_learning_rate_is_recorded_diverged_not_finished(tmp_path, tiny):
+    """fg-a at lr=1e6 keeps a finite loss (about 1e22 here) and may even score well on an
+    easy task: it is a blow-up all the same, and recorded as one."""
+    bad = Unit("fg-a", "synthetic", 0, "quick", (("lr", "1e6"),))
+    run_units([bad], tiny, Budget(epochs=2, batch_size=32, warmup_steps=1), tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary.loc[0, "status"] == "diverged" and summary.loc[0, "epochs_done"] == 1
+    records = pd.read_csv(tmp_path / "records.csv")
+    assert math.isfinite(records.loc[0, "train_loss"]) and records.loc[0, "train_loss"] > 1e10
+
+
+@pytest.mark.parametrize("budget,key", [
+    (Budget(epochs=3, batch_size=32, warmup_steps=1), "epochs=1, this run 3"),
+    (Budget(epochs=1, batch_size=16, warmup_steps=1), "batch_size=32, this run 16"),
+])
+def test_a_finished_unit_of_another_budget_is_refused_naming_the_key(tmp_path, tiny, budget,
+                                                                     key):
+    run_units([UNIT], tiny, ONE, tmp_path)
+    with pytest.raises(RecordsError) as info:
+        run_units([UNIT], tiny, budget, tmp_path)
+    assert key in str(info.value) and "summary.json" in str(info.value)
+    if "epochs" in key:
+        assert "a finished unit is not extended" in str(info.value)
+
+
+def test_an_interrupted_unit_of_another_config_is_refused_naming_the_hyperparameter(
+        tmp_path, tiny, monkeypatch):
+    unit_dir = tmp_path / "units" / UNIT.id
+    monkeypatch.setattr(Backprop, "train_step", lambda *a: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_units([UNIT], tiny, ONE, tmp_path)
+    ident = json.loads((unit_dir / "unit.json").read_text())
+    config = json.loads(ident["config"])
+    ident["config"] = json.dumps({**config, "lr": config["lr"] * 10}, sort_keys=True)
+    (unit_dir / "unit.json").write_text(json.dumps(ident))
+    monkeypatch.undo()
+    with pytest.raises(RecordsError, match=r"unit.json was made with config lr="):
+        run_units([UNIT], tiny, ONE, tmp_path)
+
+
+def test_a_unit_another_process_holds_is_skipped_and_never_trained_twice(tmp_path, tiny,
+                                                                          monkeypatch):
+    unit_dir = tmp_path / "units" / UNIT.id
+    with exclusive(unit_dir / LOCK_NAME):  # another open file description: "another process"
+        (result,) = run_units([UNIT], tiny, ONE, tmp_path)
+        assert result.busy and f"pid {os.getpid()}" in result.busy
+        assert not (unit_dir / "unit.json").exists()
+        run_units([UNIT], tiny, ONE, tmp_path / "elsewhere")  # meanwhile the holder trains it
+        for name in ("unit.json", "records.csv", "summary.json"):
+            shutil.copy(tmp_path / "elsewhere" / "units" / UNIT.id / name, unit_dir / name)
+    # After taking the lock the unit is checked again: done, so it is returned untrained.
+    monkeypatch.setattr(Backprop, "train_step", lambda *a: pytest.fail("trained it twice"))
+    result = run_unit(UNIT, tiny["synthetic"], ONE, unit_dir)
+    assert result.summary["status"] == "finished" and len(result.records) == 1
+
+
+def test_a_kill_between_write_and_rename_leaves_no_temporary_behind(tmp_path, tiny):
+    unit_dir = tmp_path / "units" / UNIT.id
+    unit_dir.mkdir(parents=True)
+    stale = unit_dir / ".checkpoint.pt.x8e2k1.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    run_units([UNIT], tiny, ONE, tmp_path)
+    assert not stale.exists()
+    assert not [p.name for p in unit_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+class Planted:
+    """What an attacker would put in a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["malicious", "truncated"])
+def test_an_unloadable_checkpoint_stops_the_run_naming_it_and_runs_nothing(tmp_path, tiny,
+                                                                           kind):
+    unit_dir = tmp_path / "units" / UNIT.id
+    unit_dir.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"method": Planted(marker), "rows": [], "cum_time": 0.0, "images": 0,
+                "rng": {}}, unit_dir / "checkpoint.pt")
+    if kind == "truncated":
+        data = (unit_dir / "checkpoint.pt").read_bytes()
+        (unit_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RecordsError) as info:
+        run_units([UNIT], tiny, ONE, tmp_path)
+    message = str(info.value)
+    assert str(unit_dir / "checkpoint.pt") in message and "delete it" in message
+    assert "\n" not in message
+    assert not marker.exists()
+    (unit_dir / "checkpoint.pt").unlink()  # as the message says: then it trains afresh
+    run_units([UNIT], tiny, ONE, tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv").loc[0, "status"] == "finished"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_while_checkpointing_stops_the_run_and_keeps_the_epochs(tmp_path, tiny,
+                                                                            monkeypatch):
+    """torch.save writes through a Python file, so the kernel's ENOSPC (from /dev/full here)
+    arrives as an OSError, and the run stops with one line; rerun later, it resumes."""
+    real_open = open
+    monkeypatch.setattr(checkpoints, "open", lambda path, mode: real_open("/dev/full", mode),
+                        raising=False)
+    with pytest.raises(RecordsError) as info:
+        run_units([UNIT], tiny, BUDGET, tmp_path)
+    message = str(info.value)
+    assert "checkpoint.pt" in message and "No space left on device" in message
+    unit_dir = tmp_path / "units" / UNIT.id
+    assert len(pd.read_csv(unit_dir / "records.csv")) == 1  # the epoch is kept
+    assert not [p.name for p in unit_dir.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    run_units([UNIT], tiny, BUDGET, tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv").loc[0, "status"] == "finished"

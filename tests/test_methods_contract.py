@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import torch
 from bpfree.methods import Method
 
+from bpfree.checkpoints import load_checkpoint, save_checkpoint
+from bpfree.harness import rng_state
 from tests.conftest import METHODS, make_method
 
 
@@ -53,12 +56,21 @@ def test_steps_give_finite_losses_and_scores_of_right_shape(name, separable):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_state_round_trips(name, separable):
+def test_state_round_trips(name, separable, tmp_path):
+    """Through a real checkpoint file, saved and loaded as the harness does: loading admits
+    tensors and plain values only (weights_only), so every method's state must be made of
+    them (model, optimisers, step counters), as must the harness's rows and RNG state."""
     x, y, tx, ty = separable
     a = make_method(name, seed=0)
     train(a, x, y, steps=2)
     b = make_method(name, seed=1)
-    b.load_state_dict(a.state_dict())
+    save_checkpoint(tmp_path / "checkpoint.pt", {
+        "method": a.state_dict(), "rows": [{"epoch": 1, "test_acc": 0.5, "val_acc": math.nan,
+                                            "unit": name}],
+        "cum_time": 1.5, "images": 64, "first_loss": 2.3, "rng": rng_state(torch.device("cpu"))})
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["rows"][0]["unit"] == name and math.isnan(state["rows"][0]["val_acc"])
+    b.load_state_dict(state["method"])
     for m in (a, b):
         m.eval()
     torch.manual_seed(5)

@@ -345,3 +345,23 @@ print("ok", path)
                                         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (run / "report" / "report.md").is_file() and (run / "report" / "index.html").is_file()
+
+
+def test_text_from_records_is_never_markup(tmp_path):
+    """A command (or path, device name, error) holding HTML or a line break is shown as
+    text: no raw HTML in report.md, and no LaTeX outside the comment lines of tables.tex."""
+    evil = "bpfree run --out x<script>alert(1)</script>\n\\input{x}"
+    run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])], command=evil,
+                    device_name="GPU <b>9000</b>\r\n\\write18{rm -rf ~}")
+    doc = build([run])[0]
+    md = render.markdown(doc)
+    assert "<script>" not in md and "<b>" not in md
+    assert "x&lt;script&gt;alert(1)&lt;/script&gt;\\n\\input{x}" in md
+    assert all(line.count("|") >= 2 for line in md.splitlines() if "alert(1)" in line)
+    tex = render.latex(doc)
+    for line in tex.splitlines():
+        if "\\input{x}" in line or "write18" in line:
+            assert line.startswith("% "), line
+    assert "\\n\\input{x}" in tex
+    html_page = render.html_page(doc)
+    assert "<script>" not in html_page and "&lt;script&gt;" in html_page

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -15,7 +17,7 @@ import pytest
 from bpfree.methods import ConfigError
 
 from bpfree.cli import main
-from bpfree.records import RecordsError
+from bpfree.records import DRIVER_LOCK_NAME, RecordsError, exclusive
 from bpfree.sweep import load_sweep, run_sweep
 from tests.conftest import FAKE_GPU
 
@@ -207,3 +209,96 @@ def test_arrays_of_grid_tables_are_a_union_of_cross_products(tmp_path):
     units = load_sweep(path).units()
     assert sorted(dict(u.overrides).get("width", "-") + dict(u.overrides)["arch"] for u in units) \
         == ["-cnn", "16mlp", "32mlp"]
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie waiting for a parent that will reap it (it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_workers_die_with_a_killed_driver_and_the_rerun_resumes(tmp_path):
+    """SIGKILL the driver of a local sweep mid-run: its workers stop within seconds (none
+    trains on, unseen), and running the sweep again resumes both units from their
+    checkpoints, with the killed attempts kept in attempts.json as interrupted."""
+    epochs = 30
+    spec = {**TINY, "epochs": epochs, "batch_size": 8}
+    path = write_sweep(tmp_path / "kill.toml", spec)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bpfree.cli", "sweep", str(path), "--out", str(out),
+            "--max-parallel", "2"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    units = [u.id for u in load_sweep(path).units()]
+    deadline = time.monotonic() + 300
+    pids: dict[str, int] = {}
+    while time.monotonic() < deadline and driver.poll() is None:
+        for uid in units:
+            worker, records = out / "units" / uid / "worker.json", out / "units" / uid / "records.csv"
+            if worker.is_file() and records.is_file():
+                pids[uid] = json.loads(worker.read_text())["pid"]
+        if len(pids) == len(units):
+            break
+        time.sleep(0.05)
+    assert len(pids) == len(units), driver.stderr.read() if driver.poll() is not None else pids
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 60  # a liveness bound, not a timing measurement
+    while time.monotonic() < deadline and not all(dead(pid) for pid in pids.values()):
+        time.sleep(0.1)
+    assert all(dead(pid) for pid in pids.values()), "workers outlived their driver"
+    finished = [uid for uid in units if (out / "units" / uid / "summary.json").exists()]
+    assert not finished, f"orphaned workers trained on and finished {finished}"
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "2 attempt(s) of a previous driver were interrupted" in again.stderr
+    history = attempts(out)
+    for uid in units:
+        first, second = history[uid]
+        assert first["status"] == "interrupted" and first["pid"] == pids[uid]
+        assert second["status"] == "finished" and second["attempt"] == 2
+    records = pd.read_csv(out / "records.csv")
+    for uid in units:  # resumed: every epoch once
+        assert records[records["unit"] == uid]["epoch"].tolist() == list(range(1, epochs + 1))
+
+
+def test_a_second_driver_on_one_sweep_folder_is_refused(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "tiny.toml", {**TINY, "seeds": 0}))
+    with exclusive(tmp_path / "out" / DRIVER_LOCK_NAME):
+        with pytest.raises(RecordsError, match="another bpfree sweep .* is running in"):
+            run_sweep(sweep, tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_evaluate_reads_a_sweep_folder_and_says_what_it_cannot_evaluate(tmp_path, capsys):
+    """A sweep folder's meta.json lists datasets, not one dataset (evaluate used to die with
+    KeyError 'dataset'): each unit is evaluated on its own dataset, split with the sweep's
+    val_fraction, and reproduces its recorded accuracy; a unit without a model is one line."""
+    spec = {"methods": ["noprop-dt", "backprop"], "datasets": "synthetic", "seeds": 0,
+            "epochs": 1, "preset": "quick", "cpus_per_unit": 1, "keep_model": True,
+            "val_fraction": 0.1, "device": "cpu",
+            "grid": {"backprop": {"arch": "mlp"}}}
+    out = tmp_path / "out"
+    assert main(["sweep", str(write_sweep(tmp_path / "keep.toml", spec)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--methods", "noprop-dt", "--inference-runs", "1",
+                 "--device", "cpu", "--set", "sampler=ancestral,mean"]) == 0
+    rows = pd.read_csv(out / "evaluations.csv").set_index("sampler")
+    assert sorted(rows.index) == ["ancestral", "mean"] and set(rows["dataset"]) == {"synthetic"}
+    recorded = pd.read_csv(out / "summary.csv").set_index("method")
+    assert rows.loc["ancestral", "test_acc"] == pytest.approx(
+        recorded.loc["noprop-dt", "final_test_acc"], abs=1e-12)
+
+    backprop = next((out / "units").glob("backprop*"))
+    (backprop / "summary.json").unlink()  # as if killed before its end: no model kept yet
+    (backprop / "model.pt").unlink()
+    assert main(["evaluate", str(out), "--methods", "backprop", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 unfinished" in err and "Traceback" not in err
+    assert main(["evaluate", str(out), "--inference-runs", "1", "--device", "cpu"]) == 0
+    assert "skipped 1 unfinished" in capsys.readouterr().err

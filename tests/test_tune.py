@@ -12,6 +12,7 @@ from bpfree.methods.backprop import Backprop
 from bpfree import data as data_module
 from bpfree.cli import main
 from bpfree.data import DatasetInfo, make_separable
+from bpfree.sweep import load_sweep
 from bpfree.tune import ray_search_space, trial, tuning_split
 
 
@@ -66,13 +67,21 @@ def test_a_search_space_naming_no_hyperparameter_is_refused():
         ray_search_space(Broken, {})
 
 
-def test_two_trial_search_writes_a_preset_that_run_uses(tmp_path, monkeypatch, ray_cluster):
-    monkeypatch.chdir(tmp_path)
+def test_two_trial_search_writes_a_preset_that_run_uses(tmp_path, monkeypatch, ray_cluster,
+                                                       capsys):
+    """Everything the search writes is under --out (the preset, Ray Tune's trials): the
+    current directory stays empty, and `bpfree run --tuned-dir` reads the preset from there."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tuned = tmp_path / "tuned"
     assert main(["tune", "backprop", "--dataset", "synthetic", "--trials", "2", "--epochs", "1",
                  "--set", "arch=mlp", "width=32", "--val-fraction", "0.2",
-                 "--batch-size", "64", "--device", "cpu"]) == 0
-    saved = json.loads((tmp_path / "results" / "tuned" / "backprop__synthetic.json").read_text())
-    assert (tmp_path / "results" / "runs" / "tune" / "backprop__synthetic").is_dir()
+                 "--batch-size", "64", "--device", "cpu", "--out", str(tuned)]) == 0
+    assert f"bpfree run --set preset=tuned --tuned-dir {tuned}" in capsys.readouterr().out
+    assert list(cwd.iterdir()) == []
+    saved = json.loads((tuned / "backprop__synthetic.json").read_text())
+    assert (tuned / "trials" / "backprop__synthetic").is_dir()
     assert len(saved["trials"]) == 2 and saved["budget"]["trials"] == 2
     assert saved["budget"]["scheduler"].startswith("ASHA(") and "test" in saved["selection"]
     assert not any("test" in key for row in saved["trials"] for key in row)
@@ -80,12 +89,31 @@ def test_two_trial_search_writes_a_preset_that_run_uses(tmp_path, monkeypatch, r
     assert saved["config"]["arch"] == "mlp" and saved["config"]["lr"] == saved["tuned"]["lr"]
 
     out = tmp_path / "run"
-    assert main(["run", "--methods", "backprop", "--dataset", "synthetic", "--epochs", "1",
-                 "--seeds", "0", "--set", "preset=tuned", "--out", str(out),
-                 "--device", "cpu"]) == 0
+    run = ["run", "--methods", "backprop", "--dataset", "synthetic", "--epochs", "1",
+           "--seeds", "0", "--set", "preset=tuned", "--out", str(out), "--device", "cpu"]
+    assert main(run) == 2  # not in ./results/tuned
+    assert "bpfree tune backprop --dataset synthetic` first" in capsys.readouterr().err
+    assert main([*run, "--tuned-dir", str(tuned)]) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[0, "preset"] == "tuned"
     assert json.loads(summary.loc[0, "config"]) == saved["config"]
+
+
+def test_a_sweep_reads_tuned_presets_from_its_tuned_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tuned = tmp_path / "elsewhere"
+    tuned.mkdir()
+    (tuned / "backprop__synthetic.json").write_text(json.dumps(
+        {"config": {"arch": "mlp", "width": 24, "lr": 0.004}}))
+    path = tmp_path / "s.toml"
+    text = ('methods = "backprop"\ndatasets = "synthetic"\nseeds = 0\nepochs = 1\n'
+            'preset = "tuned"\n')
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="no tuned preset for backprop on synthetic"):
+        load_sweep(path)
+    path.write_text(text + f'tuned_dir = "{tuned}"\n')
+    (unit,) = load_sweep(path).units()
+    assert dict(unit.overrides) == {"arch": "mlp", "width": 24, "lr": 0.004}
 
 
 def test_tuned_preset_without_a_tuning_run_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,103 @@
+"""Run folders on disk: atomic writes, their permissions and failures, locks, stale
+temporaries, and what `start_run` refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bpfree.records import (
+    LockHeld,
+    RecordsError,
+    exclusive,
+    remove_stale_temporaries,
+    start_run,
+    write_csv,
+    write_json,
+)
+
+SPEC = {"methods": ["backprop"], "epochs": 1, "batch_size": 128, "data": "abc"}
+
+
+def test_records_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_csv(tmp_path / "records.csv", pd.DataFrame({"a": [1]}))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "records.csv").stat().st_mode & 0o777 == 0o644
+    assert list(tmp_path.iterdir()) == [tmp_path / "records.csv"]  # no temporary left
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_version(tmp_path,
+                                                                          monkeypatch):
+    path = tmp_path / "summary.json"
+    write_json(path, {"v": 1})
+
+    def full(p: Path, text: str) -> None:  # the kernel's own ENOSPC, from /dev/full
+        with open("/dev/full", "w") as handle:
+            handle.write(text)
+            handle.flush()
+
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full(self, text))
+    with pytest.raises(RecordsError) as info:
+        write_json(path, {"v": 2})
+    message = str(info.value)
+    assert str(path) in message and "No space left on device" in message
+    assert "free some space" in message and "\n" not in message
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_start_run_refuses_a_folder_of_other_files_and_leaves_it_as_it_was(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(RecordsError, match="holds files but is not a bpfree run.*thesis.tex"):
+        start_run(tmp_path, SPEC, "bpfree run", {}, ("epochs",))
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("key,value", [("epochs", 3), ("batch_size", 32), ("data", "def")])
+def test_start_run_refuses_another_budget_naming_the_key(tmp_path, key, value):
+    start_run(tmp_path, SPEC, "bpfree run", {}, ("epochs", "batch_size", "data"))
+    with pytest.raises(RecordsError) as info:
+        start_run(tmp_path, {**SPEC, key: value}, "bpfree run", {},
+                  ("epochs", "batch_size", "data"))
+    assert key in str(info.value) and "another --out" in str(info.value)
+    start_run(tmp_path, {**SPEC, "methods": ["backprop", "fa"]}, "bpfree run", {},
+              ("epochs", "batch_size", "data"))  # more methods: more units, same budget
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["spec"]["methods"] == ["backprop", "fa"] and len(meta["resumed"]) == 1
+
+
+def test_a_lock_excludes_every_other_open_and_is_released_on_exit(tmp_path):
+    """flock locks belong to an open file description: a second open, in this process or
+    another, is refused while the first holds it."""
+    path = tmp_path / "unit" / ".lock"
+    with exclusive(path):
+        assert f"pid {os.getpid()}" in path.read_text()
+        with pytest.raises(LockHeld) as info:
+            with exclusive(path, wait_s=0):
+                pass
+        assert f"pid {os.getpid()}" in info.value.holder
+        with pytest.raises(LockHeld):
+            with exclusive(path, wait_s=0.3):  # polls, then gives up
+                pass
+    with exclusive(path, wait_s=0):  # released
+        pass
+
+
+def test_stale_temporaries_of_unit_files_are_removed_and_nothing_else(tmp_path):
+    stale = [tmp_path / ".checkpoint.pt.k3j2.tmp", tmp_path / ".records.csv.a1.tmp",
+             tmp_path / ".summary.json.zz.tmp"]
+    kept = [tmp_path / "checkpoint.pt", tmp_path / ".attempts.json.q.tmp",
+            tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_text("x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
