@@ -20,7 +20,7 @@ from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
 from bpfree.reports.load import ReportError
-from bpfree.suites import SUITES
+from bpfree.suites import SUITES, add_twins
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -107,6 +107,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     for unit in units:
         unit.config()  # every hyperparameter is checked before anything runs
+    # Backprop on each method's own network, so that every method has a like-for-like
+    # reference: with --twins, or for a suite that asks for them when it picks the methods.
+    twins = add_twins(units) if args.twins or (suite.twins and not args.methods) else []
+    units += twins
     device = resolve_device(args.device)
     budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
                     target_accuracy=args.target_acc, inference_runs=args.inference_runs,
@@ -119,7 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = {"methods": list(methods), "dataset": dataset, "data": data.fingerprint(),
             "seeds": list(seeds), "preset": preset,
-            "sets": sorted(p for group in args.set for p in group), "epochs": epochs,
+            "sets": sorted(p for group in args.set for p in group),
+            "twins": [f"{u.method} " + " ".join(f"{k}={v}" for k, v in u.overrides)
+                      for u in twins],
+            "epochs": epochs,
             "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
             "target_acc": args.target_acc, "inference_runs": args.inference_runs}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default results/runs/<suite>-<dataset>-<hash>)")
     run.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                      help="hyperparameter overrides: key=value, method.key=value, preset=NAME")
+    run.add_argument("--twins", action="store_true",
+                     help="also run each method's backprop twin (backprop on the same network; "
+                          "the quick suite does this unless --methods is given)")
     run.add_argument("--val-fraction", type=float, default=0.0,
                      help="carve a stratified validation split of this fraction from train")
     run.add_argument("--target-acc", type=float, help="accuracy for time-to-target (default per dataset)")

@@ -54,6 +54,7 @@ from .nets import ImageBranch
 from .noprop import (
     LabelEmbedding,
     NoisedLabelConfig,
+    embedding_id,
     kl_to_standard_normal,
     make_classifier,
     predicted_embedding,
@@ -184,6 +185,13 @@ class _Continuous(Method):
 
     family = "noprop"
     samples_at_inference = True  # the chain or the ODE starts from z_0 ~ N(0, I)
+
+    @classmethod
+    def network_of(cls, config: ContinuousConfig) -> str:
+        """`noprop-continuous-<embedding>`: the continuous-time block, shared by CT and FM.
+        bpfree has no backprop method on it (the paper's baseline there is the adjoint
+        method), so CT and FM have no backprop twin."""
+        return f"noprop-continuous-{embedding_id(config)}"
 
     def __init__(self, task: Task, config: ContinuousConfig) -> None:
         super().__init__(task, config)

@@ -4,7 +4,8 @@ Output (in `out_dir`, by default `RUN_DIR/report/` for a single run):
     report.md      GitHub-renderable, with the plots beside it as <plot>.png
     index.html     one self-contained page (style and plots inline, no network)
     tables.tex     booktabs tables for a paper
-    accuracy.csv, cost.csv, published_comparison.csv   the aggregated tables as numbers
+    accuracy.csv, cost.csv, published_comparison.csv, published_other_setups.csv
+                   the aggregated tables as numbers
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame
         records = records.merge(summary[["run", "unit", "variant"]], on=["run", "unit"], how="inner")
         records = records.sort_values(["dataset", "method", "variant", "seed", "epoch"], kind="stable")
     acc, cost = accuracy_table(summary), cost_table(summary)
-    ours = acc.merge(cost.drop(columns=["method", "n"]), on=["dataset", "variant"])
-    comparison, absent = compare(ours, read_published())
+    ours = acc.merge(cost[[c for c in cost.columns if c not in acc or c in ("dataset", "variant")]],
+                     on=["dataset", "variant"])
+    comparison, other, absent = compare(ours, read_published())
     datasets = sorted(set(summary["dataset"]))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = (f"Generated {now} by bpfree {_bpfree_version()} from {len(run_dirs)} run "
@@ -63,12 +65,14 @@ def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame
         intro=intro,
         warnings=provenance.warnings(runs.metas),
         runs=provenance.table(runs.metas),
-        tables=[display.accuracy(acc), display.published(comparison, absent, datasets),
-                display.cost(cost), display.cost_ratio(cost)],
+        tables=[display.accuracy(acc), display.cost_ratio(cost), display.cost(cost),
+                display.published(comparison, absent, datasets, len(other)),
+                display.published_other(other)],
         failures=display.failures(failures(summary)),
         figures=[],
     )
-    frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison}
+    frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison,
+              "published_other_setups": other}
     return doc, frames, records, summary
 
 
