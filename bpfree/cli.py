@@ -20,7 +20,7 @@ from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
 from bpfree.reports.load import ReportError
-from bpfree.suites import SUITES, add_twins
+from bpfree.suites import SUITES, add_twins, describe_recorded
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     merge_run(run_dir)
     from bpfree.reports.report import write_report
 
-    report_path, text = write_report([run_dir])
+    report_path, text = write_report([run_dir], describe=describe_recorded)
     print(text)
     print(f"records: {run_dir / 'records.csv'}\nsummary: {run_dir / 'summary.csv'}\nreport:  {report_path}")
     failed = [r for r in results if r.summary.get("status") == Status.FAILED]
@@ -161,7 +161,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from bpfree.reports.report import parse_formats, write_report
 
     path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
-                              parse_formats(args.formats))
+                              parse_formats(args.formats), describe=describe_recorded)
     print(text)
     print(f"report: {path}")
 
@@ -205,7 +205,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        args.max_retries, progress=sys.stderr.isatty())
     print(f"bpfree: {result.total} unit(s): {result.skipped} already done, {result.finished} "
           f"finished now, {result.failed} failed -> {result.sweep_dir}", file=sys.stderr)
-    path, text = write_report([result.sweep_dir])
+    path, text = write_report([result.sweep_dir], describe=describe_recorded)
     print(text)
     print(f"report: {path}")
     return 1 if result.failed else 0

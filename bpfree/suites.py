@@ -120,3 +120,19 @@ def add_twins(units: list[Unit]) -> list[Unit]:
             seen.add(_key(candidate))
             added.append(candidate)
     return added
+
+
+def describe_recorded(method: str, config: str) -> dict[str, str]:
+    """{"network", "schedule"} of a unit from its recorded configuration (JSON), for records
+    written before bpfree recorded them (`bpfree report` passes this to
+    `bpfree.reports.report.build`); {} when the method is no longer registered or the
+    configuration no longer builds, so that such a unit is never given a guessed network."""
+    try:
+        cls = get_method(method)
+        settings = json.loads(config) if isinstance(config, str) else None
+        if not isinstance(settings, dict) or not settings:
+            return {}
+        return {"network": cls.network_of(cls.config_for("default", settings)),
+                "schedule": cls.schedule}
+    except (ConfigError, ValueError, TypeError):
+        return {}

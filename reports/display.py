@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .tables import TWIN_KEYS
+
+# A group of rows: the same dataset, network and budget, what a backprop twin shares.
+GROUP_KEYS = TWIN_KEYS
+
 MIB = 2**20
 MEMORY_KINDS = {"cuda-allocator": "CUDA allocator", "cpu-live-tensors": "CPU live tensors"}
 SHORT_KINDS = {"cuda-allocator": "CUDA", "cpu-live-tensors": "CPU"}  # for a narrow table column
@@ -71,9 +76,9 @@ def ratio(value: float) -> str:
 
 def _best_flags(frame: pd.DataFrame, column: str, higher: bool, eligible: pd.Series) -> pd.Series:
     """True where a row holds the best value of `column` among eligible rows of its group
-    (dataset and network: like is compared with like)."""
+    (dataset, network and budget: like is compared with like)."""
     flags = pd.Series(False, index=frame.index)
-    for _, group in frame[eligible].groupby(["dataset", "network"]):
+    for _, group in frame[eligible].groupby(list(GROUP_KEYS), dropna=False):
         values = pd.to_numeric(group[column], errors="coerce").dropna()
         if len(values) > 1:  # a lone row is not "best" of anything
             best = values.max() if higher else values.min()
@@ -84,9 +89,20 @@ def _best_flags(frame: pd.DataFrame, column: str, higher: bool, eligible: pd.Ser
 NO_TWIN = "no backprop twin"
 
 
-def group_label(r: pd.Series) -> str:
-    """The label of a row's group: its dataset and network."""
-    return f"{r['dataset']}, network {r['network'] or '(not recorded)'}"
+def group_labels(frame: pd.DataFrame) -> list[str]:
+    """The label of each row's group: its dataset and network, and its budget (epochs, batch
+    size, device) where runs of that network on that dataset had several budgets, since rows
+    of different budgets are never compared either."""
+    budgets = frame.groupby(["dataset", "network"])[list(GROUP_KEYS[2:])].apply(
+        lambda g: len(g.drop_duplicates())) if len(frame) else pd.Series(dtype=int)
+    labels = []
+    for _, r in frame.iterrows():
+        label = f"{r['dataset']}, network {r['network'] or '(not recorded)'}"
+        if budgets.get((r["dataset"], r["network"]), 1) > 1:
+            epochs = f"{r['epochs']:.0f}" if finite(r["epochs"]) else "?"
+            label += f", epochs {epochs}, batch {r['batch_size']}, {r['device']}"
+        labels.append(label)
+    return labels
 
 
 def _versus_twin(r: pd.Series) -> str:
@@ -99,7 +115,9 @@ def _versus_twin(r: pd.Series) -> str:
     return f"{diff:+.2f}" if finite(diff) else "-"
 
 
-def accuracy(acc: pd.DataFrame) -> Table:
+def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
+    """The accuracy table; `derived`: how many units' networks were not in their records but
+    derived from their configuration (`tables.fill_networks`), said in a note."""
     metrics = [("final_test_acc", "test acc % (final)"),
                ("best_test_acc", "test acc % (best epoch: reference)"),
                ("final_train_acc", "train acc % (final)")]
@@ -118,8 +136,9 @@ def accuracy(acc: pd.DataFrame) -> Table:
     columns = ["method", "n", labels[0], "vs backprop twin (points)", *labels[1:], "epochs",
                "status"]
     notes = [
-        "Grouped by dataset and network (`docs/records.md`): each group compares methods that "
-        "trained the same network. Its backprop twin (`backprop`, or `backprop-blocks` for "
+        "Grouped by dataset, network and budget (`docs/records.md`): each group compares "
+        "methods that trained the same network on the same data for the same epochs, batch "
+        "size and device. Its backprop twin (`backprop`, or `backprop-blocks` for "
         "NoProp-DT's blocks, on the same network, dataset, epochs, batch size and device) comes "
         f"first; 'vs backprop twin' is the final test accuracy minus the twin's, '{NO_TWIN}' "
         "where none ran: a method is never compared with backprop on another network.",
@@ -131,8 +150,12 @@ def accuracy(acc: pd.DataFrame) -> Table:
         "stopped); a row whose seeds are all unfinished (running or interrupted) shows their "
         "epochs so far and is never marked best; failed seeds are listed below the tables.",
     ]
+    if derived:
+        notes.append(f"The network of {derived} unit(s) is not in their records (written "
+                     "before bpfree recorded networks): `bpfree report` derived it from each "
+                     "unit's configuration with its method's `network_of`.")
     return Table("accuracy", "Accuracy", columns, rows, notes, set(range(1, len(columns) - 1)),
-                 [group_label(r) for _, r in acc.iterrows()])
+                 group_labels(acc))
 
 
 def _time_to_target(r: pd.Series) -> str:
@@ -178,7 +201,7 @@ def cost(cost: pd.DataFrame) -> Table:
     headers.insert(4, "kind")
     columns = ["method", "n", *headers]
     notes = [
-        "Grouped by dataset and network, as the accuracy table. Means over the n measured "
+        "Grouped by dataset, network and budget, as the accuracy table. Means over the n measured "
         "seeds (finished or diverged; throughput as the harmonic mean, so that it matches "
         "time / epoch); **bold**: the cheapest in its group (the fastest for throughput). "
         "Times are training only, device synchronised, evaluation excluded.",
@@ -191,7 +214,7 @@ def cost(cost: pd.DataFrame) -> Table:
     ]
     numeric = set(range(1, len(columns))) - {columns.index("kind")}
     return Table("cost", "Cost", columns, rows, notes, numeric,
-                 [group_label(r) for _, r in cost.iterrows()])
+                 group_labels(cost))
 
 
 def cost_ratio(cost: pd.DataFrame) -> Table:
@@ -212,7 +235,7 @@ def cost_ratio(cost: pd.DataFrame) -> Table:
         "memory is divided only by a peak of the same kind.",
     ]
     return Table("cost_ratio", "Cost relative to the backprop twin", columns, rows, notes,
-                 set(range(2, len(columns))), [group_label(r) for _, r in cost.iterrows()])
+                 set(range(2, len(columns))), group_labels(cost))
 
 
 def _plus_minus(value: float, std: float) -> str:

@@ -10,7 +10,8 @@ compared with backprop only on its own network: its *backprop twin* is a `backpr
 `backprop-blocks`) variant of the same network, dataset and budget (epochs, batch size,
 device). Accuracy differences and cost ratios are taken against the twin alone; a variant
 without one gets none, never a ratio to a backprop run on another network. Rows are ordered
-by dataset and network, the twin first, so that each network's rows sit together.
+by dataset, network and budget, the twin first, so that rows compared with each other sit
+together.
 
 The frames here carry raw numbers (accuracies as fractions, times in seconds, bytes); they
 are what the CSV files hold. `reports.display` formats them for reading.
@@ -19,6 +20,7 @@ are what the CSV files hold. `reports.display` formats them for reading.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -63,6 +65,28 @@ def assign_variants(summary: pd.DataFrame) -> pd.DataFrame:
         summary[column] = summary.get(column, pd.Series("", index=summary.index)
                                       ).fillna("").astype(str)
     return summary.sort_values(["dataset", "method", "variant", "seed"], kind="stable")
+
+
+def fill_networks(summary: pd.DataFrame, describe: Callable[[str, str], dict[str, str]]
+                  ) -> tuple[pd.DataFrame, int]:
+    """(summary, count): units whose records name no network (written before bpfree recorded
+    them) get the network and schedule that `describe(method, config JSON)` derives from
+    their configuration; `count` of them did. `describe` comes from the application
+    (`bpfree.suites.describe_recorded`, which knows the methods); it returns {} for a method
+    or configuration it cannot read, and such a unit keeps no network (and so no twin)."""
+    summary = summary.copy()
+    for column in ("network", "schedule"):
+        if column not in summary:
+            summary[column] = None
+    missing = summary["network"].isna() | (summary["network"].astype(str) == "")
+    count = 0
+    for i in summary.index[missing]:
+        found = describe(str(summary.at[i, "method"]), summary.at[i, "config"])
+        if found.get("network"):
+            summary.at[i, "network"] = found["network"]
+            summary.at[i, "schedule"] = found.get("schedule", "")
+            count += 1
+    return summary, count
 
 
 def _status(group: pd.DataFrame) -> str:
@@ -156,12 +180,12 @@ def _of_twin(table: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _grouped(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows ordered by dataset and network, each network's twin first."""
+    """Rows ordered by dataset, network and budget, each group's twin first."""
     if table.empty:
         return table
     is_twin = table["twin"] == table["variant"]
     order = table.assign(_twin=~is_twin).sort_values(
-        ["dataset", "network", "_twin", "variant"], kind="stable").index
+        [*TWIN_KEYS, "_twin", "variant"], kind="stable").index
     return table.loc[order].reset_index(drop=True)
 
 
