@@ -82,3 +82,52 @@ def test_forward_gradient_claims_no_paper_preset():
     train LocalMixer, docs/forward_gradient.md): no preset may claim to be the paper's."""
     for name in ("fg-w", "fg-a", "lg-fg-a"):
         assert "paper" not in all_methods()[name].presets
+
+
+# Hinton 2022 (supervised MNIST: 4 x 2000 ReLU, 60 epochs, goodness of all but the first hidden
+# layer, hard negatives) with what the paper leaves open from the official Matlab code
+# (ffnew.m: epsilon 0.01, delay 0.9, wc 0.001, epsilonsup 0.1, supwc 0.003, lambdamean 0.03,
+# labelstrength 1, threshold = number of units, linear decay over the second half).
+FF_PAPER = {"width": 2000, "depth": 4, "goodness": "sum", "threshold": 1.0, "negatives": "hard",
+            "goodness_from": 1, "label_strength": 1.0, "peer_norm": 0.03, "optimizer": "sgd",
+            "lr": 0.01, "momentum": 0.9, "weight_decay": 0.001, "head_lr": 0.1,
+            "head_weight_decay": 0.003, "schedule_epochs": 60}
+# Dellaferrera & Kreiman 2022, the reference code's MNIST command (GiorgiaD/PEPITA): 1 x 1024
+# ReLU without biases, SGD lr 0.1 momentum 0.9, keep rate 0.9, F = 0.05 x He-uniform,
+# lr x 0.1 after epochs 60 and 90.
+PEPITA_PAPER = {"width": 1024, "depth": 1, "bias": False, "lr": 0.1, "momentum": 0.9,
+                "dropout": 0.1, "f_scale": 0.05, "decay_epochs": "60,90", "decay_factor": 0.1,
+                "weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("name,values", [("ff", FF_PAPER), ("pepita", PEPITA_PAPER)])
+def test_forward_only_paper_presets_are_the_papers(name, values):
+    config = get_method(name).config_for("paper")
+    for key, value in values.items():
+        assert getattr(config, key) == value, key
+
+
+@pytest.mark.parametrize("source,preset", [
+    ("Hinton 2022 (The Forward-Forward Algorithm: Some", ("ff", "paper")),
+    ("Dellaferrera & Kreiman 2022 (Error-driven", ("pepita", "paper")),
+    ("cybertronai/hinton-problems", ("ff", "small")),
+])
+def test_published_setups_are_the_presets_that_reproduce_them(source, preset):
+    """The published MNIST rows a preset reproduces name that preset's network and settings,
+    so that a run of the preset for the stated epochs is joined to them and nothing else."""
+    from bpfree.reports.published import parse_method, read_published
+
+    published = read_published()
+    rows = published[published["source"].str.startswith(source)
+                      & (published["dataset"] == "mnist")
+                      & published["method"].str.startswith(preset[0])
+                      & ~published["network"].str.startswith("conv")]
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    cls = get_method(preset[0])
+    config = cls.config_for(preset[1])
+    assert cls.network_of(config) == row["network"]
+    name, wanted = parse_method(row["method"])
+    assert name == cls.name and wanted
+    for key, value in wanted.items():
+        assert getattr(config, key) == value, key
