@@ -20,7 +20,7 @@ from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
 from bpfree.reports.load import ReportError
-from bpfree.suites import SUITES
+from bpfree.suites import SUITES, add_twins, describe_recorded
 
 EXIT_CODES = """exit codes:
   0  everything asked for finished (a diverged unit is a result: it counts as finished)
@@ -116,6 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     for unit in units:
         unit.config()  # every hyperparameter is checked before anything runs
+    # Backprop on each method's own network, so that every method has a like-for-like
+    # reference: with --twins, or for a suite that asks for them when it picks the methods.
+    twins = add_twins(units) if args.twins or (suite.twins and not args.methods) else []
+    units += twins
     device = resolve_device(args.device)
     budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
                     target_accuracy=args.target_acc, inference_runs=args.inference_runs,
@@ -128,7 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = {"methods": list(methods), "dataset": dataset, "data": data.fingerprint(),
             "seeds": list(seeds), "preset": preset,
-            "sets": sorted(p for group in args.set for p in group), "epochs": epochs,
+            "sets": sorted(p for group in args.set for p in group),
+            "twins": [f"{u.method} " + " ".join(f"{k}={v}" for k, v in u.overrides)
+                      for u in twins],
+            "epochs": epochs,
             "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
             "target_acc": args.target_acc, "inference_runs": args.inference_runs}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
@@ -141,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     merge_run(run_dir)
     from bpfree.reports.report import write_report
 
-    report_path, text = write_report([run_dir])
+    report_path, text = write_report([run_dir], describe=describe_recorded)
     print(text)
     print(f"records: {run_dir / 'records.csv'}\nsummary: {run_dir / 'summary.csv'}\nreport:  {report_path}")
     failed = [r for r in results if r.summary.get("status") == Status.FAILED]
@@ -162,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from bpfree.reports.report import parse_formats, write_report
 
     path, text = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None,
-                              parse_formats(args.formats))
+                              parse_formats(args.formats), describe=describe_recorded)
     print(text)
     print(f"report: {path}")
 
@@ -209,7 +216,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        args.max_retries, progress=sys.stderr.isatty())
     print(f"bpfree: {result.total} unit(s): {result.skipped} already done, {result.finished} "
           f"finished now, {result.failed} failed -> {result.sweep_dir}", file=sys.stderr)
-    path, text = write_report([result.sweep_dir])
+    path, text = write_report([result.sweep_dir], describe=describe_recorded)
     print(text)
     print(f"report: {path}")
     return 1 if result.failed else 0
@@ -309,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default results/runs/<suite>-<dataset>-<hash>)")
     run.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                      help="hyperparameter overrides: key=value, method.key=value, preset=NAME")
+    run.add_argument("--twins", action="store_true",
+                     help="also run each method's backprop twin (backprop on the same network; "
+                          "the quick suite does this unless --methods is given)")
     run.add_argument("--val-fraction", type=float, default=0.0,
                      help="carve a stratified validation split of this fraction from train")
     run.add_argument("--target-acc", type=float, help="accuracy for time-to-target (default per dataset)")

@@ -339,6 +339,10 @@ def identity(unit: Unit, cls: type[Method], config: HParams, data: Dataset, budg
         "unit": unit.id,
         "method": unit.method,
         "family": cls.family,
+        # What was trained, so that a report compares it only with the same network (its
+        # backprop twin) and published numbers only with the same setup.
+        "network": cls.network_of(config),
+        "schedule": cls.schedule,
         "dataset": data.name,
         "seed": unit.seed,
         "preset": unit.preset,

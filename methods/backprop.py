@@ -30,6 +30,8 @@ class BackpropConfig(HParams):
     arch: Literal["cnn", "mlp"] = "cnn"
     width: int = 256  # MLP hidden units (ignored by cnn)
     depth: int = 2  # MLP hidden layers (ignored by cnn)
+    # MLP biases; False is the bias-free net of PEPITA's reference code, for its backprop twin
+    bias: bool = True
     lr: float = 1e-3
     weight_decay: float = 1e-3
 
@@ -37,6 +39,8 @@ class BackpropConfig(HParams):
         super().validate()
         if self.width < 1 or self.depth < 0:
             raise ConfigError(f"width must be >= 1 and depth >= 0, got {self.width}, {self.depth}")
+        if not self.bias and self.arch != "mlp":
+            raise ConfigError("bias=false applies to arch=mlp only (the shared CNN keeps its biases)")
 
 
 class Backprop(Method):
@@ -49,7 +53,7 @@ class Backprop(Method):
     def __init__(self, task: Task, config: BackpropConfig) -> None:
         super().__init__(task, config)
         self.model = build_net(
-            config.arch, task.input_shape, task.num_classes, config.width, config.depth
+            config.arch, task.input_shape, task.num_classes, config.width, config.depth, config.bias
         ).to(self.device)
         self.optimizers = {
             "adamw": self.make_optimizer(

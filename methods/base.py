@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .nets import network_id
+
 
 class ConfigError(ValueError):
     """A user mistake in hyperparameters or options: reported as one line, never a traceback."""
@@ -209,6 +211,11 @@ class Method:
     # Whether `predict` draws random numbers (NoProp's chains start from noise): its accuracy
     # is then a random variable, and the harness averages `--inference-runs` passes.
     samples_at_inference: ClassVar[bool] = False
+    # How the method interleaves its losses, where papers distinguish schedules that bpfree's
+    # implementation fixes (target propagation: `parallel`, forward and feedback losses on
+    # every batch, against `alternating` epochs). "" when there is nothing to choose. Recorded
+    # with every unit, so that a published number is compared only with the same schedule.
+    schedule: ClassVar[str] = ""
 
     model: nn.Module
     optimizers: dict[str, torch.optim.Optimizer]
@@ -329,6 +336,30 @@ class Method:
         is compared against, on this batch.
         """
         return {}
+
+    # --- what the method trains ---------------------------------------------------------
+    @classmethod
+    def network_of(cls, config: HParams) -> str:
+        """A stable id of the network this configuration trains: its architecture and size,
+        e.g. `cnn`, `mlp-2x256-relu`, `noprop-dt-T10-one-hot` (`methods.nets.network_id`).
+
+        Two units with the same id train the same network, so their accuracy and cost compare
+        like with like; the report compares every method with a backprop run of the same id
+        (its *backprop twin*). The id names the network that makes the predictions; parts that
+        only the learning rule needs (auxiliary heads, feedback weights, label embeddings)
+        are not in it (the parameter count still counts them). The default reads the shared
+        nets' `arch`, `width`, `depth` and, when the config has one, `bias`; a method with
+        another network overrides this.
+        """
+        if not hasattr(config, "arch"):
+            raise NotImplementedError(f"{cls.name} has no `arch`: it must define network_of")
+        return network_id(config.arch, getattr(config, "width", 256), getattr(config, "depth", 2),
+                          getattr(config, "bias", True))
+
+    @property
+    def network(self) -> str:
+        """`network_of` this method's own configuration."""
+        return type(self).network_of(self.config)
 
     # --- shared behaviour ----------------------------------------------------------------
     @classmethod

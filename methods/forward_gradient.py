@@ -10,7 +10,11 @@ tangent lives:
 - `fg-a` (Ren et al. 2023): over every weight layer's pre-activations, independently per example.
   The per-example JVP gives the activity estimate d_n u_n; each layer turns it into a weight
   estimate directly (outer product with the layer input, `conv2d_weight` for convolutions). The
-  variance grows with the number of units, not weights.
+  variance grows with the number of units, not weights. As in Ren et al. (Sec. 3.6 and their
+  code), a unit whose following ReLU is inactive is not perturbed (its true gradient is zero,
+  so the estimate stays unbiased at about half the variance; `relu_mask`), and the classifier
+  layer that produces a loss's logits gets the exact gradient of that loss, computed locally
+  from the logits' error (`head_grad`).
 - `lg-fg-a` (Ren et al. 2023): `fg-a` on blocks that each end in a small auxiliary classifier with
   its own loss; a block's input is a constant (stop-gradient), so its estimate involves only its
   own units and parameters.
@@ -230,8 +234,14 @@ def _output_shapes(
 class _Block(nn.Module):
     """Body steps then head steps, adding `noise[i]` to the output of every site step i.
 
-    Returns the head's logits, the input of every perturbed step (for its local weight estimate)
-    and the body's output (what the next block receives, as a constant).
+    Returns the head's logits, the input of every site step (for its local weight estimate),
+    the body's output (what the next block receives, as a constant) and the ReLU masks of the
+    perturbed sites that have one (with `mask`, below).
+
+    With `mask`, a perturbation at a site whose output goes straight into a ReLU is multiplied
+    by that ReLU's activity pattern (1 where the unit is active, from the unperturbed primal
+    values): the loss does not depend on an inactive unit's pre-activation (ReLU's derivative
+    there is 0, also at exactly 0, as in autograd), so its perturbation adds only noise.
     """
 
     def __init__(
@@ -248,20 +258,34 @@ class _Block(nn.Module):
         self.site_shapes = {
             str(i): shapes[i] for i, step in enumerate(self.steps) if isinstance(step, SITES)
         }
+        # Sites whose output is a ReLU's input: their perturbation can be masked.
+        steps = list(self.steps)
+        self.relu_sites = {
+            site for site in self.site_shapes
+            if int(site) + 1 < len(steps) and isinstance(steps[int(site) + 1], nn.ReLU)
+        }
+        # The step that produces the logits, when it is a linear classifier layer.
+        last = str(len(steps) - 1)
+        self.readout = last if isinstance(steps[-1], nn.Linear) else None
 
     def forward(
-        self, x: Tensor, noise: dict[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        inputs, out = {}, x
+        self, x: Tensor, noise: dict[str, Tensor], mask: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        inputs, masks, out = {}, {}, x
         for i, step in enumerate(self.steps):
-            if str(i) in noise:
-                inputs[str(i)] = x
-                x = step(x) + noise[str(i)]
-            else:
-                x = step(x)
+            site = str(i)
+            if site in self.site_shapes:
+                inputs[site] = x
+            x = step(x)
+            if site in noise:
+                if mask and site in self.relu_sites:
+                    masks[site] = (x > 0).to(x.dtype)  # of the primal: noise is zero there
+                    x = x + noise[site] * masks[site]
+                else:
+                    x = x + noise[site]
             if i + 1 == self.body_len:
                 out = x
-        return x, inputs, out
+        return x, inputs, out, masks
 
     def coupled(self, site: str) -> bool:
         """Whether a BatchNorm in training mode after this site mixes examples.
@@ -295,25 +319,44 @@ def _layer_estimates(layer: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor
     return {k: v for k, v in est.items() if getattr(layer, k, None) is not None}
 
 
+def _readout_gradient(logits: Tensor, y: Tensor) -> Tensor:
+    """d(mean cross-entropy)/d(logits) = (softmax(logits) - onehot(y)) / N, in closed form."""
+    target = torch.zeros_like(logits).scatter_(1, y[:, None], 1.0)
+    return (logits.softmax(1) - target) / len(y)
+
+
 def _block_estimates(
-    block: _Block, x: Tensor, y: Tensor, config: ForwardGradientConfig
+    block: _Block, x: Tensor, y: Tensor, config: ForwardGradientConfig, mask: bool = False,
+    exact_readout: bool = False,
 ) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
     """(parameter, estimate) for every parameter of `block`, its mean loss and its output.
 
     `x` is a constant here: no tangent reaches the block from outside, which is the
     stop-gradient of local-greedy learning (and, for the whole net as one block, plain FG-A).
+    `mask`: ReLU-masked perturbations (`_Block`). `exact_readout`: the layer producing the
+    logits is not perturbed; it gets the exact gradient of the block's loss, which needs only
+    its input and the logits' error (no backward pass through anything).
     """
     n = len(y)
+    readout = block.readout if exact_readout else None
 
     def per_example_loss(noise: dict[str, Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, Any]:
-        logits, inputs, out = functional_call(block, buffers, (x, noise))
+        logits, inputs, out, masks = functional_call(block, buffers, (x, noise, mask))
         # Scaled so that the per-example losses sum to the batch-mean loss.
-        return F.cross_entropy(logits, y, reduction="none") / n, (inputs, out)
+        return F.cross_entropy(logits, y, reduction="none") / n, (inputs, out, masks, logits)
 
-    zeros = {site: x.new_zeros(n, *shape) for site, shape in block.site_shapes.items()}
+    zeros = {site: x.new_zeros(n, *shape) for site, shape in block.site_shapes.items()
+             if site != readout}
+    if not zeros:  # nothing to perturb (a linear classifier on its own): the exact gradient
+        logits, inputs, out, _ = block(x, {})
+        loss = F.cross_entropy(logits, y)
+        layer = block.steps[int(readout)]
+        pairs = [(getattr(layer, key), est) for key, est in
+                 _layer_estimates(layer, inputs[readout], _readout_gradient(logits, y)).items()]
+        return pairs, loss, out
     sums: dict[tuple[str, str], Tensor] = {}  # (site, parameter name) -> sum over tangents
     losses, outs = [], []
-    for tangents, loss, slope, (inputs, out) in _jvp_chunks(
+    for tangents, loss, slope, (inputs, out, masks, logits) in _jvp_chunks(
         per_example_loss, zeros, dict(block.named_buffers()), config
     ):
         losses.append(loss.sum())
@@ -322,8 +365,16 @@ def _block_estimates(
         for site, u in tangents.items():
             coeff = total if block.coupled(site) else slope
             activity = torch.einsum("kn,kn...->n...", coeff, u)
+            if site in masks:  # the tangent that was applied is u * mask
+                activity = activity * masks[site]
             for key, est in _layer_estimates(block.steps[int(site)], inputs[site], activity).items():
                 sums[site, key] = est + sums.get((site, key), 0)
+        if readout is not None:  # exact, on this chunk's function (its dropout masks)
+            k = slope.shape[0]
+            layer = block.steps[int(readout)]
+            for key, est in _layer_estimates(layer, inputs[readout],
+                                             _readout_gradient(logits, y)).items():
+                sums[readout, key] = k * est + sums.get((readout, key), 0)
     pairs = [
         (getattr(block.steps[int(site)], key), est / config.tangents)
         for (site, key), est in sums.items()
@@ -334,9 +385,18 @@ def _block_estimates(
 @dataclass
 class ActivityConfig(ForwardGradientConfig):
     """As `ForwardGradientConfig`, with a smaller default lr: with one tangent per step, AdamW
-    at 1e-3 was unstable on MNIST (the runs behind the choice: docs/forward_gradient.md)."""
+    at 1e-3 was unstable on MNIST (the runs behind the choice: docs/forward_gradient.md).
+
+    The two estimator options follow Ren et al. 2023 by default: `relu_mask` (Sec. 3.6 and
+    their code) perturbs only units whose following ReLU is active; `head_grad=exact` (their
+    code) trains every auxiliary head and the network's output layer with the exact gradient
+    of its own loss. Turn them off for ablations (docs/forward_gradient.md)."""
 
     lr: float = 3e-4
+    relu_mask: bool = True  # false: perturb every unit, inactive ReLUs too (unbiased, ~2x variance)
+    # exact: the layers producing logits (heads, readout) get their exact local gradient;
+    # forward: they are perturbed and estimated like every other layer
+    head_grad: Literal["exact", "forward"] = "exact"
 
 
 class _ActivityPerturbedFG(_ForwardGradient):
@@ -378,14 +438,16 @@ class _ActivityPerturbedFG(_ForwardGradient):
         block's estimate is unbiased for (for `fg-a`, one block: the network's loss)."""
         total, h = torch.zeros((), device=x.device), x
         for block in self.blocks:
-            logits, _, h = block(h.detach(), {})
+            logits, _, h, _ = block(h.detach(), {})
             total = total + F.cross_entropy(logits, y)
         return total
 
     def estimate(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         grads, losses, h = {}, [], x
+        config = self.config
         for block in self.blocks:
-            pairs, loss, h = _block_estimates(block, h, y, self.config)
+            pairs, loss, h = _block_estimates(block, h, y, config, config.relu_mask,
+                                              config.head_grad == "exact")
             grads.update((self._names[p], est) for p, est in pairs)
             losses.append(loss)
         logs = {"loss": losses[-1]}

@@ -96,10 +96,13 @@ class MLP(nn.Module):
     gradient with activity perturbation, target propagation) can address each layer.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 256,
+                 depth: int = 2, bias: bool = True):
         super().__init__()
         sizes = [math.prod(input_shape)] + [width] * depth + [num_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=bias) for a, b in zip(sizes[:-1], sizes[1:])
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.flatten(1)
@@ -127,10 +130,25 @@ def flat_steps(net: nn.Module) -> list[nn.Module]:
     raise TypeError(f"no flat form for {type(net).__name__}; expected methods.nets.MLP or CNN")
 
 
-def build_net(arch: str, input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2) -> nn.Module:
+def build_net(arch: str, input_shape: tuple[int, ...], num_classes: int, width: int = 256,
+              depth: int = 2, bias: bool = True) -> nn.Module:
     """The classifier named by a method's `arch` hyperparameter (`cnn` or `mlp`)."""
     if arch == "cnn":
         return CNN(input_shape, num_classes)
     if arch == "mlp":
-        return MLP(input_shape, num_classes, width=width, depth=depth)
+        return MLP(input_shape, num_classes, width=width, depth=depth, bias=bias)
+    raise ValueError(f"unknown arch {arch!r}; use cnn or mlp")
+
+
+def network_id(arch: str, width: int = 256, depth: int = 2, bias: bool = True) -> str:
+    """The stable name of a shared net, as records and published rows spell it.
+
+    `cnn` is `CNN` (the NoProp image branch with a linear head); `mlp-<depth>x<width>-relu` is
+    `MLP` with `depth` hidden layers of `width` ReLU units (`-nobias` when its linear layers
+    have none). The input size is not part of the name: the dataset fixes it.
+    """
+    if arch == "cnn":
+        return "cnn"
+    if arch == "mlp":
+        return f"mlp-{depth}x{width}-relu" + ("" if bias else "-nobias")
     raise ValueError(f"unknown arch {arch!r}; use cnn or mlp")

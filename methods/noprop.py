@@ -323,6 +323,13 @@ class DTBlock(nn.Module):
         return self.head(torch.cat([self.image(x), self.label(z)], 1))
 
 
+def embedding_id(config: EmbeddingConfig) -> str:
+    """The label embedding as network ids name it: `one-hot`, `learned<d>` or `prototype`."""
+    if config.embedding == "learned":
+        return f"learned{config.embed_dim}"
+    return config.embedding
+
+
 def predicted_embedding(logits: Tensor, weight: Tensor) -> Tensor:
     """uhat = softmax(logits) @ W_embed: a convex mix of the class embeddings."""
     return logits.softmax(1) @ weight
@@ -334,6 +341,12 @@ class _DTShaped(Method):
 
     family = "noprop"
     samples_at_inference = True  # the chain starts from z_0 ~ N(0, I)
+
+    @classmethod
+    def network_of(cls, config: EmbeddingConfig) -> str:
+        """`noprop-dt-T<T>-<embedding>`: T DT blocks with that label embedding, which NoProp-DT
+        and its backprop baseline `backprop-blocks` share (its twin)."""
+        return f"noprop-dt-T{config.T}-{embedding_id(config)}"
 
     def _build(self, task: Task, config: EmbeddingConfig, T: int) -> None:
         embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task,

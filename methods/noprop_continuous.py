@@ -54,6 +54,7 @@ from .nets import ImageBranch
 from .noprop import (
     LabelEmbedding,
     NoisedLabelConfig,
+    embedding_id,
     kl_to_standard_normal,
     make_classifier,
     predicted_embedding,
@@ -185,6 +186,13 @@ class _Continuous(Method):
     family = "noprop"
     samples_at_inference = True  # the chain or the ODE starts from z_0 ~ N(0, I)
 
+    @classmethod
+    def network_of(cls, config: ContinuousConfig) -> str:
+        """`noprop-continuous-<embedding>`: the continuous-time block, shared by CT and FM.
+        bpfree has no backprop method on it (the paper's baseline there is the adjoint
+        method), so CT and FM have no backprop twin."""
+        return f"noprop-continuous-{embedding_id(config)}"
+
     def __init__(self, task: Task, config: ContinuousConfig) -> None:
         super().__init__(task, config)
         embed = LabelEmbedding(config.embedding, config.embed_init, config.embed_dim, task,
@@ -241,7 +249,11 @@ class NoPropCT(_Continuous):
         )
         self._finish()
 
-    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Algorithm 2's loss on a minibatch and its terms (attached to the graph): per example
+        t ~ U(0, 1) and z_t ~ q(z_t | y); CE of p_out on z_1 ~ q(z_1 | y), the KL of
+        q(z_0 | y) from N(0, I) at abar(0), and eta / 2 SNR'(t) ||uhat(z_t, x, t) - u_y||^2
+        at each example's own t."""
         embed, net, schedule = self.model["embed"], self.model["net"], self.model["schedule"]
         u = embed(y)
         source = self._noise_source(u)
@@ -256,11 +268,14 @@ class NoPropCT(_Continuous):
         z_1 = abar1.sqrt() * source + (1 - abar1).sqrt() * torch.randn_like(u)
         ce = F.cross_entropy(self.model["classifier"](z_1), y)
         kl = kl_to_standard_normal(u, abar0)
-        loss = ce + kl + denoise
-        self._step(loss)
+        return {"loss": ce + kl + denoise, "ce": ce, "kl": kl, "denoise": denoise}
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        terms = self.losses(x, y)
+        self._step(terms["loss"])
+        schedule = self.model["schedule"]
         gamma0 = schedule.gamma0.detach()
-        return {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
-                "denoise": denoise.detach(), "gamma0": gamma0.clone(),
+        return {**{k: v.detach() for k, v in terms.items()}, "gamma0": gamma0.clone(),
                 "gamma1": (gamma0 + F.softplus(schedule.gap.detach()))}
 
     @torch.no_grad()
@@ -306,7 +321,10 @@ class NoPropFM(_Continuous):
         """v = unnormalised logits @ W_embed."""
         return self.model["net"](features, z, t) @ self.model["embed"].weight
 
-    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Algorithm 3's loss on a minibatch and its terms (attached to the graph): z_0 ~ N(0, I),
+        t ~ U(0, 1), z_t = t u_y + (1 - t) z_0 (+ sigma noise), the velocity regressed on
+        u_y - z_0, plus (learned embeddings) CE of p_out on z_t + (1 - t) v."""
         embed, net = self.model["embed"], self.model["net"]
         u = embed(y)
         z_0 = torch.randn_like(u)
@@ -316,15 +334,17 @@ class NoPropFM(_Continuous):
             z_t = z_t + self.config.sigma * torch.randn_like(u)
         v = self.velocity(net.image(x), z_t, t)
         flow = (v - (u - z_0)).pow(2).sum(1).mean()
-        stats = {"flow": flow.detach()}
-        loss = flow
+        terms = {"loss": flow, "flow": flow}
         if embed.learned:
             z_1 = z_t + (1 - t[:, None]) * v
-            ce = F.cross_entropy(self.model["classifier"](z_1), y)
-            loss = loss + ce
-            stats["ce"] = ce.detach()
-        self._step(loss)
-        return {"loss": loss.detach(), **stats}
+            terms["ce"] = F.cross_entropy(self.model["classifier"](z_1), y)
+            terms["loss"] = flow + terms["ce"]
+        return terms
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        terms = self.losses(x, y)
+        self._step(terms["loss"])
+        return {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

@@ -111,6 +111,9 @@ class TargetPropagation(Method):
 
     family = "target-propagation"
     Config = TargetPropConfig
+    # Every batch: `feedback_iterations` feedback updates, then the forward update (Bartunov
+    # et al. 2018's "parallel" training of inverses, not the original code's alternating epochs).
+    schedule = "parallel"
 
     def __init__(self, task: Task, config: TargetPropConfig) -> None:
         super().__init__(task, config)

@@ -14,7 +14,7 @@ import html
 import re
 from dataclasses import dataclass
 
-from .display import Table
+from .display import Cell, Table
 from .plots import DPI
 
 WRAP_AT = 40  # characters: a cell longer than this may wrap (HTML) or sets a paragraph column (LaTeX)
@@ -61,16 +61,35 @@ def _md_cell(text: str, best: bool) -> str:
     return f"**{text}**" if best and text != "-" else text
 
 
+def row_groups(table: Table) -> list[tuple[str, list[list[Cell]]]]:
+    """The table's rows as (label, rows) runs of consecutive rows sharing a group label; one
+    run with an empty label for a table without groups."""
+    if not table.groups:
+        return [("", table.rows)]
+    runs: list[tuple[str, list[list[Cell]]]] = []
+    for label, row in zip(table.groups, table.rows, strict=True):
+        if runs and runs[-1][0] == label:
+            runs[-1][1].append(row)
+        else:
+            runs.append((label, [row]))
+    return runs
+
+
 def markdown_table(table: Table) -> str:
-    """A pipe table and its notes; a table without rows is its notes alone (they say why)."""
+    """Pipe tables (one per row group, under its label in bold) and the notes; a table
+    without rows is its notes alone (they say why)."""
     notes = "\n".join(f"{md_text(note)}\n" for note in table.notes)
     if not table.rows:
         return notes
     align = ["---:" if i in table.numeric else "---" for i in range(len(table.columns))]
-    lines = ["| " + " | ".join(_md_cell(c, False) for c in table.columns) + " |",
-             "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(_md_cell(c.text, c.best) for c in row) + " |" for row in table.rows]
-    return "\n".join(lines) + "\n\n" + notes
+    parts = []
+    for label, rows in row_groups(table):
+        lines = [f"**{_md_cell(label, False)}**", ""] if label else []
+        lines += ["| " + " | ".join(_md_cell(c, False) for c in table.columns) + " |",
+                  "| " + " | ".join(align) + " |"]
+        lines += ["| " + " | ".join(_md_cell(c.text, c.best) for c in row) + " |" for row in rows]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts) + "\n" + notes
 
 
 def markdown(doc: Document) -> str:
@@ -102,6 +121,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.long { white-space: normal; min-width: 12em; overflow-wrap: anywhere; }
 tr:nth-child(even) td { background: #fafbfc; }
 p.note { color: #57606a; font-size: 13px; margin: 4px 0; max-width: 1100px; }
+p.group { font-weight: 600; margin: 14px 0 2px; }
 .warning { background: #fff8c5; border: 1px solid #d4a72c; padding: 8px 12px; margin: 8px 0; }
 img { max-width: 100%; height: auto; }
 code { background: #f6f8fa; padding: 0 3px; }
@@ -113,24 +133,30 @@ def _html_text(text: str) -> str:
 
 
 def html_table(table: Table) -> str:
+    """One HTML table per row group (under its label), then the notes."""
     num = ' class="num"'
     head = "".join(f"<th{num if i in table.numeric else ''}>{html.escape(c)}</th>"
                    for i, c in enumerate(table.columns))
-    body = []
-    for row in table.rows:
-        cells = []
-        for i, cell in enumerate(row):
-            text = html.escape(cell.text)
-            text = f"<strong>{text}</strong>" if cell.best else text
-            cls = num if i in table.numeric else (
-                ' class="long"' if len(cell.text) > WRAP_AT or table.key == "runs" else "")
-            cells.append(f"<td{cls}>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{_html_text(n)}</p>' for n in table.notes)
     if not table.rows:
         return notes
-    return (f'<div class="scroll"><table id="{table.key}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table></div>{notes}")
+    parts = []
+    for index, (label, rows) in enumerate(row_groups(table)):
+        body = []
+        for row in rows:
+            cells = []
+            for i, cell in enumerate(row):
+                text = html.escape(cell.text)
+                text = f"<strong>{text}</strong>" if cell.best else text
+                cls = num if i in table.numeric else (
+                    ' class="long"' if len(cell.text) > WRAP_AT or table.key == "runs" else "")
+                cells.append(f"<td{cls}>{text}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        anchor = table.key if index == 0 else f"{table.key}-{index}"
+        title = f'<p class="group">{html.escape(label)}</p>' if label else ""
+        parts.append(f'{title}<div class="scroll"><table id="{anchor}"><thead><tr>{head}</tr>'
+                     f"</thead><tbody>{''.join(body)}</tbody></table></div>")
+    return "".join(parts) + notes
 
 
 def _display_width(png: bytes) -> int:
@@ -203,7 +229,13 @@ def tex_table(table: Table) -> str:
              r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
              rf"\begin{{tabular}}{{{''.join(spec)}}}", r"\toprule",
              " & ".join(_tex_header(c) for c in table.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(_tex_cell(c.text, c.best) for c in row) + r" \\" for row in table.rows]
+    for index, (label, rows) in enumerate(row_groups(table)):
+        if label:
+            if index:
+                lines.append(r"\midrule")
+            lines.append(rf"\multicolumn{{{len(table.columns)}}}{{@{{}}l}}"
+                         rf"{{\textit{{{tex_escape(label)}}}}} \\")
+        lines += [" & ".join(_tex_cell(c.text, c.best) for c in row) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}}"]
     notes = " ".join(_inline(tex_escape(n), (r"\textbf{", "}"), (r"\texttt{", "}"))
                      for n in table.notes)

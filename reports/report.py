@@ -4,11 +4,13 @@ Output (in `out_dir`, by default `RUN_DIR/report/` for a single run):
     report.md      GitHub-renderable, with the plots beside it as <plot>.png
     index.html     one self-contained page (style and plots inline, no network)
     tables.tex     booktabs tables for a paper
-    accuracy.csv, cost.csv, published_comparison.csv   the aggregated tables as numbers
+    accuracy.csv, cost.csv, published_comparison.csv, published_other_setups.csv
+                   the aggregated tables as numbers
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,9 +22,10 @@ from bpfree.records import atomic_write, write_csv, write_text
 from . import display, plots, provenance, render
 from .load import ReportError, load_runs
 from .published import compare, read_published
-from .tables import accuracy_table, assign_variants, cost_table, failures
+from .tables import accuracy_table, assign_variants, cost_table, failures, fill_networks
 
 FORMATS = ("md", "html", "tex", "csv")
+Describe = Callable[[str, str], dict[str, str]]
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -41,18 +44,26 @@ def _bpfree_version() -> str:
         return "unknown"
 
 
-def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame], pd.DataFrame,
-                                         pd.DataFrame]:
-    """The report's document, its CSV frames, and the records and summary the plots draw."""
+def build(run_dirs: list[Path], describe: Describe | None = None
+          ) -> tuple[render.Document, dict[str, pd.DataFrame], pd.DataFrame, pd.DataFrame]:
+    """The report's document, its CSV frames, and the records and summary the plots draw.
+
+    `describe(method, config JSON) -> {"network", "schedule"}` derives what records written
+    before bpfree recorded networks lack (`tables.fill_networks`); the CLI passes one that
+    knows the methods, so that this module needs neither them nor torch. Without it, such
+    units have no network and no backprop twin."""
     runs = load_runs(run_dirs)
-    summary = assign_variants(runs.summary)
+    summary, derived = (fill_networks(runs.summary, describe) if describe is not None
+                        else (runs.summary, 0))
+    summary = assign_variants(summary)
     records = runs.records
     if len(records):
         records = records.merge(summary[["run", "unit", "variant"]], on=["run", "unit"], how="inner")
         records = records.sort_values(["dataset", "method", "variant", "seed", "epoch"], kind="stable")
     acc, cost = accuracy_table(summary), cost_table(summary)
-    ours = acc.merge(cost.drop(columns=["method", "n"]), on=["dataset", "variant"])
-    comparison, absent = compare(ours, read_published())
+    ours = acc.merge(cost[[c for c in cost.columns if c not in acc or c in ("dataset", "variant")]],
+                     on=["dataset", "variant"])
+    comparison, other, absent = compare(ours, read_published())
     datasets = sorted(set(summary["dataset"]))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = (f"Generated {now} by bpfree {_bpfree_version()} from {len(run_dirs)} run "
@@ -63,23 +74,27 @@ def build(run_dirs: list[Path]) -> tuple[render.Document, dict[str, pd.DataFrame
         intro=intro,
         warnings=provenance.warnings(runs.metas),
         runs=provenance.table(runs.metas),
-        tables=[display.accuracy(acc), display.published(comparison, absent, datasets),
-                display.cost(cost), display.cost_ratio(cost)],
+        tables=[display.accuracy(acc, derived), display.cost_ratio(cost), display.cost(cost),
+                display.published(comparison, absent, datasets, len(other)),
+                display.published_other(other)],
         failures=display.failures(failures(summary)),
         figures=[],
     )
-    frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison}
+    frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison,
+              "published_other_setups": other}
     return doc, frames, records, summary
 
 
 def write_report(run_dirs: list[Path], out_dir: Path | None = None,
-                 formats: tuple[str, ...] = FORMATS) -> tuple[Path, str]:
-    """Write the report in `formats`; returns the main file's path and the Markdown text."""
+                 formats: tuple[str, ...] = FORMATS, describe: Describe | None = None
+                 ) -> tuple[Path, str]:
+    """Write the report in `formats`; returns the main file's path and the Markdown text.
+    `describe`: as for `build`."""
     if out_dir is None:
         if len(run_dirs) != 1:
             raise ReportError("several run folders are merged into one report: pass --out DIR")
         out_dir = run_dirs[0] / "report"
-    doc, frames, records, summary = build(run_dirs)
+    doc, frames, records, summary = build(run_dirs, describe)
     if "md" in formats or "html" in formats:
         doc.figures = [(p.key, p.title, plots.render(p, records, summary))
                        for p in plots.PLOTS if p.applies(records)]

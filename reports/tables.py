@@ -5,6 +5,14 @@ budget, batch size and device. Runs merged into one report may hold several vari
 method (say noprop-dt with one-hot and with prototype embeddings); they get separate rows,
 labelled by what differs between them, because averaging them would mix two experiments.
 
+Every variant trained one *network* (its records' `network`, `Method.network_of`). A method is
+compared with backprop only on its own network: its *backprop twin* is a `backprop` (or
+`backprop-blocks`) variant of the same network, dataset and budget (epochs, batch size,
+device). Accuracy differences and cost ratios are taken against the twin alone; a variant
+without one gets none, never a ratio to a backprop run on another network. Rows are ordered
+by dataset, network and budget, the twin first, so that rows compared with each other sit
+together.
+
 The frames here carry raw numbers (accuracies as fractions, times in seconds, bytes); they
 are what the CSV files hold. `reports.display` formats them for reading.
 """
@@ -12,6 +20,7 @@ are what the CSV files hold. `reports.display` formats them for reading.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -23,7 +32,8 @@ from bpfree.records import COMPLETE, Status
 STATUS_LABELS = {Status.FINISHED: "finished", Status.DIVERGED: "diverged",
                  Status.FAILED: "failed", Status.RUNNING: "unfinished"}
 IDENTITY = ("epochs", "batch_size", "device")  # besides the config, what makes a variant
-BASELINES = ("backprop", "backprop-blocks")  # the ratio baseline, first one present
+BASELINES = ("backprop", "backprop-blocks")  # the methods a backprop twin can be
+NO_TWIN = "no backprop twin"  # what a cell says where a comparison with the twin would go
 ACCURACY_METRICS = ("final_test_acc", "best_test_acc", "final_train_acc", "final_val_acc")
 COST_METRICS = ("time_per_epoch_s", "throughput_img_s", "time_to_target_s", "peak_mem_bytes",
                 "act_bytes_peak", "flops_train_step", "flops_predict", "params")
@@ -50,7 +60,33 @@ def assign_variants(summary: pd.DataFrame) -> pd.DataFrame:
             for i, d in zip(idx, dicts):
                 labels[i] += " (" + ", ".join(f"{k}={d.get(k, '-')}" for k in differing) + ")"
     summary["variant"] = labels
+    # Records written before networks were recorded have none: such a unit has no twin.
+    for column in ("network", "schedule"):
+        summary[column] = summary.get(column, pd.Series("", index=summary.index)
+                                      ).fillna("").astype(str)
     return summary.sort_values(["dataset", "method", "variant", "seed"], kind="stable")
+
+
+def fill_networks(summary: pd.DataFrame, describe: Callable[[str, str], dict[str, str]]
+                  ) -> tuple[pd.DataFrame, int]:
+    """(summary, count): units whose records name no network (written before bpfree recorded
+    them) get the network and schedule that `describe(method, config JSON)` derives from
+    their configuration; `count` of them did. `describe` comes from the application
+    (`bpfree.suites.describe_recorded`, which knows the methods); it returns {} for a method
+    or configuration it cannot read, and such a unit keeps no network (and so no twin)."""
+    summary = summary.copy()
+    for column in ("network", "schedule"):
+        if column not in summary:
+            summary[column] = None
+    missing = summary["network"].isna() | (summary["network"].astype(str) == "")
+    count = 0
+    for i in summary.index[missing]:
+        found = describe(str(summary.at[i, "method"]), summary.at[i, "config"])
+        if found.get("network"):
+            summary.at[i, "network"] = found["network"]
+            summary.at[i, "schedule"] = found.get("schedule", "")
+            count += 1
+    return summary, count
 
 
 def _status(group: pd.DataFrame) -> str:
@@ -90,31 +126,73 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
     for (dataset, variant), group in summary.groupby(["dataset", "variant"], sort=False):
         counted, partial = _counted(group)
         row: dict[str, Any] = {
-            "dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
+            **_identity(dataset, variant, group),
             "n": len(counted), "seeds": " ".join(str(s) for s in sorted(counted["seed"])),
-            "partial": partial, "epochs": pd.to_numeric(group["epochs"]).max(),
-            "status": _status(group), "config": group["config"].iloc[0],
+            "partial": partial, "status": _status(group), "config": group["config"].iloc[0],
         }
         for metric in ACCURACY_METRICS:
             values = pd.to_numeric(counted[metric], errors="coerce").dropna()
             row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = _with_twins(pd.DataFrame(rows))
+    table["vs_twin_final_test_acc"] = (table["final_test_acc_mean"]
+                                       - _of_twin(table, "final_test_acc_mean"))
+    return _grouped(table)
+
+
+def _identity(dataset: str, variant: str, group: pd.DataFrame) -> dict[str, Any]:
+    """What a row is: its dataset, variant, method and network, and the budget a twin must
+    share (a variant has one of each, since the budget is part of what defines it)."""
+    return {"dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
+            "network": group["network"].iloc[0], "schedule": group["schedule"].iloc[0],
+            "epochs": pd.to_numeric(group["epochs"]).max(),
+            "batch_size": group["batch_size"].iloc[0], "device": group["device"].iloc[0]}
+
+
+TWIN_KEYS = ("dataset", "network", "epochs", "batch_size", "device")
+
+
+def _with_twins(table: pd.DataFrame) -> pd.DataFrame:
+    """Add `twin`: the variant label of each row's backprop twin on its dataset, or "" where
+    none ran: a `backprop`/`backprop-blocks` variant with results (n > 0) on the same network
+    (recorded, not empty), dataset, epochs, batch size and device. A twin is its own twin. Of
+    several candidates (two backprop learning rates, say) the first by label is taken."""
+    table = table.copy()
+    table["twin"] = ""
+    if table.empty:
+        return table
+    candidates = table[table["method"].isin(BASELINES) & (table["n"] > 0)
+                       & (table["network"] != "")].sort_values("variant", kind="stable")
+    first = candidates.groupby(list(TWIN_KEYS), dropna=False)["variant"].first()
+    for i, row in table.iterrows():
+        key = tuple(row[k] for k in TWIN_KEYS)
+        if row["network"] and key in first.index:
+            table.at[i, "twin"] = first[key]
+    return table
+
+
+def _of_twin(table: pd.DataFrame, column: str) -> pd.Series:
+    """Each row's twin's value of `column` (NaN without a twin)."""
+    values = table.set_index(["dataset", "variant"])[column]
+    return pd.Series([values.get((d, t), float("nan")) if t else float("nan")
+                      for d, t in zip(table["dataset"], table["twin"])], index=table.index)
+
+
+def _grouped(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by dataset, network and budget, each group's twin first."""
+    if table.empty:
+        return table
+    is_twin = table["twin"] == table["variant"]
+    order = table.assign(_twin=~is_twin).sort_values(
+        [*TWIN_KEYS, "_twin", "variant"], kind="stable").index
+    return table.loc[order].reset_index(drop=True)
 
 
 def failures(summary: pd.DataFrame) -> pd.DataFrame:
     """Failed units with their errors, listed under the tables (too long for a cell)."""
     failed = summary[summary["status"] == Status.FAILED]
     return failed[["dataset", "variant", "seed", "error", "run"]].reset_index(drop=True)
-
-
-def _baseline(rows: pd.DataFrame) -> pd.Series | None:
-    for name in BASELINES:
-        found = rows[rows["method"] == name]
-        if not found.empty:
-            return found.iloc[0]
-    return None
 
 
 def _mean(values: pd.Series, harmonic: bool = False) -> float:
@@ -127,7 +205,7 @@ def _mean(values: pd.Series, harmonic: bool = False) -> float:
 
 def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per variant x dataset: mean cost over the measured units, and each cost as a ratio to
-    the baseline (`backprop`, else `backprop-blocks`) on the same dataset and device.
+    the variant's backprop twin (see the module docstring; NaN without one).
 
     Peak memory ratios need the same measurement kind: a CUDA allocator peak and a CPU
     live-tensor peak are different quantities, so a mixed pair gets no ratio.
@@ -137,8 +215,7 @@ def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
         measured = group[group["status"].isin(COMPLETE)]
         reached = pd.to_numeric(measured["time_to_target_s"], errors="coerce").dropna()
         row: dict[str, Any] = {
-            "dataset": dataset, "variant": variant, "method": group["method"].iloc[0],
-            "device": group["device"].iloc[0], "n": len(measured),
+            **_identity(dataset, variant, group), "n": len(measured),
             "target_acc": pd.to_numeric(measured["target_acc"], errors="coerce").max(),
             "target_reached": len(reached),
             "peak_mem_kind": ", ".join(sorted(set(measured["peak_mem_kind"].dropna()))),
@@ -147,20 +224,9 @@ def cost_table(summary: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(measured[metric], errors="coerce").dropna()
             row[metric] = _mean(values, harmonic=metric == "throughput_img_s")
         rows.append(row)
-    table = pd.DataFrame(rows)
-    table["baseline"] = ""
+    table = _with_twins(pd.DataFrame(rows))
     for metric in COST_METRICS:
-        table[f"{metric}_ratio"] = float("nan")
-    for _, idx in table.groupby(["dataset", "device"]).groups.items():
-        rows_ = table.loc[idx]
-        base = _baseline(rows_[rows_["n"] > 0])
-        if base is None:
-            continue
-        table.loc[idx, "baseline"] = base["variant"]
-        for metric in COST_METRICS:
-            if metric == "peak_mem_bytes":
-                same = rows_["peak_mem_kind"] == base["peak_mem_kind"]
-                table.loc[same[same].index, f"{metric}_ratio"] = rows_[metric] / base[metric]
-            else:
-                table.loc[idx, f"{metric}_ratio"] = rows_[metric] / base[metric]
-    return table
+        table[f"{metric}_ratio"] = table[metric] / _of_twin(table, metric)
+    same_kind = _of_twin(table, "peak_mem_kind") == table["peak_mem_kind"]
+    table.loc[~same_kind, "peak_mem_bytes_ratio"] = float("nan")
+    return _grouped(table)

@@ -38,10 +38,12 @@ def test_run_writes_records_summary_meta_and_report(tmp_path, capsys):
             "--seeds", "0,1", "--set", "arch=mlp", "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| backprop | synthetic | 2 |" in printed and str(out / "report") in printed
+    assert "**synthetic, network mlp-2x256-relu**" in printed
+    assert "| backprop | 2 |" in printed and str(out / "report") in printed
     summary = pd.read_csv(out / "summary.csv")
     assert sorted(summary["seed"]) == [0, 1] and set(summary["status"]) == {"finished"}
     assert (summary["final_test_acc"] > 0.9).all()
+    assert set(summary["network"]) == {"mlp-2x256-relu"}  # what was trained, recorded
     assert (out / "meta.json").is_file() and (out / "report" / "report.md").is_file()
     assert '"arch": "mlp"' in summary.loc[0, "config"]
 
