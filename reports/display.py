@@ -126,9 +126,12 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
     eligible = ~acc["partial"]
     flags = {m: _best_flags(acc, f"{m}_mean", True, eligible) for m, _ in metrics}
     rows = []
+    sampled = acc.get("runs", pd.Series(1, index=acc.index)) > 1
     for i, r in acc.iterrows():
-        cells = [Cell(r["variant"]), Cell(str(r["n"]))]
-        cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_std"]), bool(flags[m][i])) for m, _ in metrics]
+        n = f"{r['n']} × {r['runs']} runs" if sampled[i] else str(r["n"])
+        cells = [Cell(r["variant"]), Cell(n)]
+        cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_se"] if sampled[i] and f"{m}_se" in r
+                               else r[f"{m}_std"]), bool(flags[m][i])) for m, _ in metrics]
         cells.insert(3, Cell(_versus_twin(r)))
         cells += [Cell(f"{r['epochs']:.0f}" if finite(r["epochs"]) else "-"), Cell(r["status"])]
         rows.append(cells)
@@ -144,6 +147,10 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
         "where none ran: a method is never compared with backprop on another network.",
         "Mean ± sample standard deviation over the n seeds (no ± for one seed); "
         "**bold**: the best of its column within its group.",
+        *(["Where n reads 'seeds × R runs' (`--inference-runs R`, for methods whose "
+           "prediction samples), the final test and validation accuracies are the mean ± "
+           "standard error over all R inference runs of all seeds, the paper's protocol for "
+           "NoProp; the other columns stay over seeds."] if sampled.any() else []),
         "'final' is the last epoch: the number to report. 'best epoch' is the highest test "
         "accuracy of any epoch, selected on the test set: for reference only, never for claims.",
         "Finished and diverged seeds count (a diverged seed keeps the accuracy it had when it "

@@ -134,11 +134,33 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(counted[metric], errors="coerce").dropna()
             row[f"{metric}_mean"] = values.mean() if len(values) else float("nan")
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+        runs = pd.to_numeric(counted.get("inference_runs", pd.Series(dtype=float)),
+                             errors="coerce").dropna()
+        row["runs"] = int(runs.min()) if len(runs) and (runs == runs.iloc[0]).all() else 1
+        for metric in ("final_test_acc", "final_val_acc"):
+            row[f"{metric}_se"] = (pooled_se(counted[metric], counted.get(f"{metric}_se"),
+                                             row["runs"]) if row["runs"] > 1 else float("nan"))
         rows.append(row)
     table = _with_twins(pd.DataFrame(rows))
     table["vs_twin_final_test_acc"] = (table["final_test_acc_mean"]
                                        - _of_twin(table, "final_test_acc_mean"))
     return _grouped(table)
+
+
+def pooled_se(means: pd.Series, ses: pd.Series | None, runs: int) -> float:
+    """The standard error of the mean accuracy over all runs x seeds, from each seed's mean
+    and standard error over its `runs` inference runs: the same number as from the runs'
+    accuracies themselves (a seed's sample variance is se^2 * runs). This is the paper's
+    protocol for a sampling method (NoProp: 5 inference runs x 3 seeds). NaN where a seed's
+    standard error is missing."""
+    means = pd.to_numeric(means, errors="coerce")
+    ses = pd.to_numeric(ses, errors="coerce") if ses is not None else means * float("nan")
+    if means.isna().any() or ses.isna().any() or not len(means):
+        return float("nan")
+    total = runs * len(means)
+    within = (ses**2 * runs * (runs - 1)).sum()
+    between = (runs * (means - means.mean()) ** 2).sum()
+    return float(((within + between) / (total - 1) / total) ** 0.5)
 
 
 def _identity(dataset: str, variant: str, group: pd.DataFrame) -> dict[str, Any]:

@@ -117,6 +117,32 @@ def test_aggregation_gives_known_mean_std_and_n(tmp_path):
     assert cost.loc["backprop", "throughput_img_s"] == pytest.approx(3 / (1 / 1000 + 1 / 2000 + 1 / 3000))
 
 
+def test_sampling_methods_report_mean_and_standard_error_over_runs_and_seeds(tmp_path):
+    """NoProp's protocol: R inference runs per seed, the mean ± standard error over all runs of
+    all seeds. Seeds' summaries hold their runs' mean and standard error; the report's pooled
+    standard error must equal the one computed from the six runs' accuracies themselves."""
+    runs = {0: [0.90, 0.92, 0.94], 1: [0.95, 0.96, 0.97]}
+    run = write_run(tmp_path / "run", [unit("noprop-dt", seed, [0.5, sum(r) / 3])
+                                       for seed, r in runs.items()] + [unit("backprop", 0, [0.9, 0.95])])
+    for seed, accs in runs.items():
+        path = run / "units" / f"noprop-dt__mnist-5k__quick__s{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        se = pd.Series(accs).std(ddof=1) / math.sqrt(len(accs))
+        path.write_text(json.dumps({**summary, "inference_runs": 3, "final_test_acc_se": se}))
+    doc, frames, _, _ = build([run])
+    acc = frames["accuracy"].set_index("variant")
+    every_run = pd.Series(runs[0] + runs[1])
+    assert acc.loc["noprop-dt", "runs"] == 3 and acc.loc["backprop", "runs"] == 1
+    assert acc.loc["noprop-dt", "final_test_acc_mean"] == pytest.approx(every_run.mean())
+    assert acc.loc["noprop-dt", "final_test_acc_se"] == pytest.approx(
+        every_run.std(ddof=1) / math.sqrt(len(every_run)))
+    assert math.isnan(acc.loc["backprop", "final_test_acc_se"])
+    text = render.markdown(doc)
+    se = 100 * every_run.std(ddof=1) / math.sqrt(6)
+    assert f"| noprop-dt | 2 × 3 runs | {100 * every_run.mean():.2f} ± {se:.2f} |" in text
+    assert "mean ± standard error over all R inference runs of all seeds" in text
+
+
 def test_a_method_is_compared_only_with_backprop_on_its_own_network(tmp_path):
     """The twin is backprop on the same network, dataset and budget: a method on another
     network, another budget, or with no network recorded gets no ratio and no accuracy
