@@ -12,6 +12,7 @@ RecordsError naming it and saying to delete it.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,16 @@ CHECKPOINT_KEYS = ("method", "rows", "cum_time", "images", "rng")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Save through a Python file object: a full disk is then an OSError (ENOSPC) that
-    atomic_write reports as one line; torch's own path writer reports it as an unrelated
-    RuntimeError ("unexpected pos")."""
+    """Serialise in memory, then write the bytes with a plain file write: a full disk is then
+    an OSError (ENOSPC) that atomic_write reports as one line. torch.save reports a failed
+    write, to a path or to a file object on a really full file system, as an unrelated
+    RuntimeError ("unexpected pos"), and the user would never learn the disk was full."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            handle.write(buffer.getbuffer())
 
     atomic_write(path, write)
 
