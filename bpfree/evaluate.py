@@ -6,9 +6,10 @@ A sampling method's accuracy depends on how its chain is run at test time (NoPro
 ancestral or noise-free chain, NoProp-CT's and -FM's number of steps and solver). Training
 decides none of that, so it is measured here on the models that were kept, without
 retraining: each unit is rebuilt from its recorded configuration with the inference-time
-overrides on top, its trained weights are loaded, and its test accuracy is
-measured over `inference_runs` passes with the same seeding rule as the harness, so the
-unchanged settings reproduce the recorded number.
+overrides on top, its trained weights are loaded, and its validation accuracy (when the
+folder carved a validation split) and test accuracy are measured over `inference_runs`
+passes with the same seeding rule as the harness, so the unchanged settings reproduce the
+recorded numbers. An inference setting is chosen on `val_acc`, never on `test_acc`.
 
 Rows are appended to `RUN_DIR/evaluations.csv` (one per unit and setting), so one call per
 setting builds up an inference-steps table.
@@ -129,8 +130,11 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
                     f"{run_dir} was trained on other data than {unit['dataset']} from "
                     f"{data_dir or 'its default place'} (fingerprint {recorded}, now "
                     f"{data.fingerprint()}); pass the --data-dir it was trained with")
-            loaded[unit["dataset"]] = (data, data.test_x.to(device), data.test_y.to(device))
-        data, test_x, test_y = loaded[unit["dataset"]]
+            val = (None if data.val_x is None
+                   else (data.val_x.to(device), data.val_y.to(device)))
+            loaded[unit["dataset"]] = (data, (data.test_x.to(device), data.test_y.to(device)),
+                                       val)
+        data, test, val = loaded[unit["dataset"]]
         model_path = unit["dir"] / "model.pt"
         cls = get_method(unit["method"])
         state = load_state(model_path, ("model",),
@@ -153,13 +157,17 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
                                    f"summary.json configures it ({first[:120]}); delete it or "
                                    f"train the unit again") from None
             start = time.perf_counter()
-            accs = evaluate(method, test_x, test_y, batch_size, inference_runs,
-                            unit["seed"] * 1_000 + epochs)
+            seed = unit["seed"] * 1_000 + epochs
+            accs = evaluate(method, *test, batch_size, inference_runs, seed)
             mean, se = mean_and_se(accs)
+            val_mean, val_se = (mean_and_se(evaluate(method, *val, batch_size, inference_runs,
+                                                     seed))
+                                if val is not None else (float("nan"), float("nan")))
             rows.append({"unit": unit["unit"], "method": unit["method"],
                          "dataset": unit["dataset"], "seed": unit["seed"],
                          "epochs": epochs, "setting": json.dumps(applies, sort_keys=True),
-                         **applies, "test_acc": mean, "test_acc_se": se,
+                         **applies, "val_acc": val_mean, "val_acc_se": val_se,
+                         "test_acc": mean, "test_acc_se": se,
                          "inference_runs": len(accs),
                          "eval_time_s": time.perf_counter() - start})
     frame = pd.DataFrame(rows)

@@ -293,6 +293,10 @@ def test_evaluate_reads_a_sweep_folder_and_says_what_it_cannot_evaluate(tmp_path
     recorded = pd.read_csv(out / "summary.csv").set_index("method")
     assert rows.loc["ancestral", "test_acc"] == pytest.approx(
         recorded.loc["noprop-dt", "final_test_acc"], abs=1e-12)
+    # the validation split is scored too, so an inference setting is chosen without test
+    assert rows.loc["ancestral", "val_acc"] == pytest.approx(
+        recorded.loc["noprop-dt", "final_val_acc"], abs=1e-12)
+    assert rows["val_acc"].notna().all()
 
     backprop = next((out / "units").glob("backprop*"))
     (backprop / "summary.json").unlink()  # as if killed before its end: no model kept yet
