@@ -41,7 +41,7 @@ SUITES: dict[str, Suite] = {
         Suite(
             "quick",
             "every method on mnist-5k, 2 epochs, quick presets, seed 0, each next to backprop "
-            "on its own network (a few minutes on 2 CPU cores)",
+            "on its own network (under 2 minutes on 2 quiet CPU cores)",
             "mnist-5k",
             epochs=2,
             seeds=(0,),
