@@ -130,8 +130,8 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
     for i, r in acc.iterrows():
         n = f"{r['n']} × {r['runs']} runs" if sampled[i] else str(r["n"])
         cells = [Cell(r["variant"]), Cell(n)]
-        cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_se"] if sampled[i] and f"{m}_se" in r
-                               else r[f"{m}_std"]), bool(flags[m][i])) for m, _ in metrics]
+        cells += [Cell(percent(r[f"{m}_mean"], r[f"{m}_spread"]), bool(flags[m][i]))
+                  for m, _ in metrics]
         cells.insert(3, Cell(_versus_twin(r)))
         cells += [Cell(f"{r['epochs']:.0f}" if finite(r["epochs"]) else "-"), Cell(r["status"])]
         rows.append(cells)

@@ -53,12 +53,10 @@ class Metric:
 
 
 def _percent(column: str) -> Callable[[pd.Series], tuple[float, float]]:
-    """Our mean and spread in percent: the standard error over runs x seeds where the row
-    has several inference runs (as NoProp's tables report it), else the std over seeds."""
+    """Our mean and spread in percent, the spread as every table shows it
+    (`tables.accuracy_table`: s.e. over runs x seeds for sampled predictions, else std)."""
     def ours(row: pd.Series) -> tuple[float, float]:
-        se = row.get(f"{column}_se", float("nan"))
-        spread = se if row.get("runs", 1) > 1 and pd.notna(se) else row[f"{column}_std"]
-        return 100 * row[f"{column}_mean"], 100 * spread
+        return 100 * row[f"{column}_mean"], 100 * row[f"{column}_spread"]
     return ours
 
 

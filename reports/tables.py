@@ -140,6 +140,12 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
         for metric in ("final_test_acc", "final_val_acc"):
             row[f"{metric}_se"] = (pooled_se(counted[metric], counted.get(f"{metric}_se"),
                                              row["runs"]) if row["runs"] > 1 else float("nan"))
+        for metric in ACCURACY_METRICS:
+            # The one rule for the "±" every table shows: the standard error over runs x
+            # seeds where predictions were sampled several times (NoProp's protocol), else
+            # the std over seeds. Train and best-epoch accuracy have no s.e.: always the std.
+            sampled = row["runs"] > 1 and f"{metric}_se" in row
+            row[f"{metric}_spread"] = row[f"{metric}_se"] if sampled else row[f"{metric}_std"]
         rows.append(row)
     table = _with_twins(pd.DataFrame(rows))
     table["vs_twin_final_test_acc"] = (table["final_test_acc_mean"]

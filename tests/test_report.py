@@ -137,6 +137,10 @@ def test_sampling_methods_report_mean_and_standard_error_over_runs_and_seeds(tmp
     assert acc.loc["noprop-dt", "final_test_acc_se"] == pytest.approx(
         every_run.std(ddof=1) / math.sqrt(len(every_run)))
     assert math.isnan(acc.loc["backprop", "final_test_acc_se"])
+    # the one "±" rule every table (accuracy, published comparison) reads: s.e. when sampled
+    assert acc.loc["noprop-dt", "final_test_acc_spread"] == acc.loc["noprop-dt",
+                                                                     "final_test_acc_se"]
+    assert math.isnan(acc.loc["backprop", "final_test_acc_spread"])  # one seed: no std
     text = render.markdown(doc)
     se = 100 * every_run.std(ddof=1) / math.sqrt(6)
     assert f"| noprop-dt | 2 × 3 runs | {100 * every_run.mean():.2f} ± {se:.2f} |" in text
@@ -265,8 +269,8 @@ def _variant(pub: Any, method: str, config: str, network: str, variant: str) -> 
     return {"dataset": pub.dataset, "variant": variant, "method": method, "network": network,
             "schedule": pub.schedule, "config": config,
             "epochs": pub.epochs if math.isfinite(pub.epochs) else 7,
-            "final_test_acc_mean": 0.5, "final_test_acc_std": float("nan"),
-            "final_train_acc_mean": 0.5, "final_train_acc_std": float("nan"),
+            "final_test_acc_mean": 0.5, "final_test_acc_spread": float("nan"),
+            "final_train_acc_mean": 0.5, "final_train_acc_spread": float("nan"),
             "peak_mem_bytes": 1e9, "peak_mem_kind": "cuda-allocator", "n": 1, "partial": False}
 
 
@@ -303,7 +307,7 @@ def test_published_rows_without_a_network_are_never_joined():
         frame = pd.DataFrame([{"dataset": pub.dataset, "variant": name, "method": name,
                                "network": "unknown", "schedule": "", "config": json.dumps(wanted),
                                "epochs": 100, "final_test_acc_mean": 0.5,
-                               "final_test_acc_std": float("nan"), "n": 1, "partial": False}])
+                               "final_test_acc_spread": float("nan"), "n": 1, "partial": False}])
         comp, other, _ = compare(frame, published.loc[[pub.Index]])
         assert comp.empty and other["reason"].tolist() == ["network not stated by the source"]
 
@@ -335,8 +339,8 @@ def _ours(method: str, network: str, epochs: int, variant: str = "", **config: A
           ) -> dict[str, Any]:
     return {"dataset": "mnist", "variant": variant or method, "method": method,
             "network": network, "schedule": "", "config": json.dumps(config), "epochs": epochs,
-            "final_test_acc_mean": 0.5, "final_test_acc_std": float("nan"),
-            "final_train_acc_mean": 0.5, "final_train_acc_std": float("nan"), "n": 1,
+            "final_test_acc_mean": 0.5, "final_test_acc_spread": float("nan"),
+            "final_train_acc_mean": 0.5, "final_train_acc_spread": float("nan"), "n": 1,
             "partial": False}
 
 
@@ -382,7 +386,7 @@ def test_feedback_alignment_and_forward_only_numbers_join_only_their_setups():
 def test_compare_lists_methods_not_in_the_report_and_checks_the_schedule():
     ours = pd.DataFrame([{"dataset": "d", "variant": "a", "method": "a", "config": "{}",
                           "network": "n", "schedule": "parallel", "final_test_acc_mean": 0.5,
-                          "final_test_acc_std": float("nan"), "n": 1, "epochs": 1,
+                          "final_test_acc_spread": float("nan"), "n": 1, "epochs": 1,
                           "partial": False}])
     pub = pd.DataFrame([{"source": "s", "table": "T", "method": m, "dataset": "d",
                          "metric": "test_acc", "value": 40.0, "std": float("nan"),
