@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bpfree import __version__, options
-from bpfree.data import DATASETS, load_dataset
+from bpfree.data import DATASETS, check_batch_size, load_dataset
 from bpfree.harness import Budget, Unit, pending, resolve_device, run_units
 from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
 from bpfree.provenance import environment, git_commit
@@ -126,9 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     keep_model=args.save_model)
     # The data is loaded (and checked) before any folder is made for it.
     data = load_dataset(dataset, args.data_dir, args.download, args.val_fraction)
-    if batch_size > len(data.train_x):
-        raise ConfigError(f"--batch-size {batch_size} is larger than the {len(data.train_x)} "
-                          f"training images: every epoch would be one short batch")
+    check_batch_size(batch_size, data, "--batch-size")
 
     spec = {"methods": list(methods), "dataset": dataset, "data": data.fingerprint(),
             "seeds": list(seeds), "preset": preset,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from bpfree import measure
 from bpfree.checkpoints import load_checkpoint, save_checkpoint
-from bpfree.data import DATASETS, Dataset
+from bpfree.data import DATASETS, Dataset, check_batch_size
 from bpfree.methods import HParams, Method, Task, get_method
 from bpfree.records import (
     COMPLETE,
@@ -499,6 +499,7 @@ def _run_unit(unit: Unit, data: Dataset, budget: Budget, unit_dir: Path, progres
     if row is not None and row["status"] in COMPLETE:
         rec = unit_dir / "records.csv"
         return UnitResult(pd.read_csv(rec) if rec.is_file() else pd.DataFrame(), row)
+    check_batch_size(budget.batch_size, data)  # a sweep's units are checked here
     remove_stale_temporaries(unit_dir)
     (unit_dir / "failed.json").unlink(missing_ok=True)  # a re-run retries a failed unit
     write_json(unit_dir / "unit.json", ident)

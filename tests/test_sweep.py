@@ -145,6 +145,20 @@ def test_a_failing_unit_is_recorded_and_the_rest_go_on(tmp_path, capsys):
     assert "1 failed" in capsys.readouterr().err
 
 
+def test_a_batch_larger_than_the_training_set_fails_the_unit_before_it_trains(tmp_path):
+    """`bpfree run` refuses it up front; in a sweep each worker loads its own data, so the
+    harness checks every unit: one ConfigError line, not retried, and nothing trained (it
+    used to train one short batch per epoch, a different budget, without a word)."""
+    spec = {**TINY, "seeds": 0, "batch_size": 5000, "max_retries": 3}
+    out = tmp_path / "out"
+    assert main(["sweep", str(write_sweep(tmp_path / "big.toml", spec)), "--out", str(out)]) == 1
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert row["status"] == "failed"
+    assert "batch size 5000 is larger than the 1024 training images of synthetic" in row["error"]
+    assert [len(h) for h in attempts(out).values()] == [1]
+    assert not list((out / "units").glob("*/records.csv"))
+
+
 def test_changing_the_shared_budget_of_a_sweep_folder_is_refused(tmp_path):
     sweep_dir = tmp_path / "out"
     run_sweep(load_sweep(write_sweep(tmp_path / "a.toml", {**TINY, "seeds": 0})), sweep_dir)
