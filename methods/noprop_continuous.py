@@ -238,7 +238,11 @@ class NoPropCT(_Continuous):
         "default": {},
         # Training is one network per step; evaluation dominates, so fewer sampler steps.
         "quick": {"inference_steps": 20},
-        "paper": {"eta": 1.0, "lr": 1e-3, "weight_decay": 1e-3, "inference_steps": 1000},
+        # The paper names no solver: the noise-free chain (`mean`) is chosen on the validation
+        # split (docs/noprop.md, inference steps and solver); `sampler=ancestral` restores the
+        # chain the earlier records used.
+        "paper": {"eta": 1.0, "lr": 1e-3, "weight_decay": 1e-3, "inference_steps": 1000,
+                  "sampler": "mean"},
     }
 
     def __init__(self, task: Task, config: NoPropCTConfig) -> None:
