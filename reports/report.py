@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
 
 from bpfree.records import atomic_write, write_csv, write_text
+from bpfree.version import code_version
 
 from . import display, plots, provenance, render
 from .load import ReportError, load_runs
@@ -35,13 +35,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
     if unknown or not formats:
         raise ReportError(f"--formats {text!r}: choose from {','.join(FORMATS)} (comma-separated)")
     return formats
-
-
-def _bpfree_version() -> str:
-    try:
-        return version("bpfree")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build(run_dirs: list[Path], describe: Describe | None = None
@@ -66,7 +59,7 @@ def build(run_dirs: list[Path], describe: Describe | None = None
     comparison, other, absent = compare(ours, read_published())
     datasets = sorted(set(summary["dataset"]))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    intro = (f"Generated {now} by bpfree {_bpfree_version()} from {len(run_dirs)} run "
+    intro = (f"Generated {now} by bpfree {code_version()} from {len(run_dirs)} run "
              f"folder(s): {len(summary)} unit(s), {summary['variant'].nunique()} method "
              f"configuration(s), dataset(s) {', '.join(datasets)}.")
     doc = render.Document(

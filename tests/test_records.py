@@ -101,3 +101,22 @@ def test_stale_temporaries_of_unit_files_are_removed_and_nothing_else(tmp_path):
         path.write_text("x")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_the_recorded_version_names_the_code_that_ran(monkeypatch, tmp_path):
+    """An editable install's version was stamped with the commit it was installed at; after
+    further commits meta.json said that old commit's version (`bpfree` field) next to the new
+    `git_commit`. A checkout now gives the stamp with the commit the code is at; a wheel and
+    an up-to-date install give the plain version."""
+    from bpfree import version
+
+    monkeypatch.setattr(version, "__version__", "0.1.1.dev90+gd1ca9cf8f")
+    monkeypatch.setattr(version, "source_checkout", lambda: tmp_path)
+    monkeypatch.setattr(version, "git_commit", lambda: "6218799bac4ba660149dd79cdd99c71dd23cf867")
+    assert version.code_version() == ("0.1.1.dev90+gd1ca9cf8f (as installed; the code is at "
+                                      "commit 6218799bac4ba660149dd79cdd99c71dd23cf867)")
+    monkeypatch.setattr(version, "git_commit", lambda: "d1ca9cf8f0123456789abcdef0123456789abcde")
+    assert version.code_version() == "0.1.1.dev90+gd1ca9cf8f"
+    monkeypatch.setattr(version, "source_checkout", lambda: None)  # an installed wheel
+    monkeypatch.setattr(version, "git_commit", lambda: "6218799bac4ba660149dd79cdd99c71dd23cf867")
+    assert version.code_version() == "0.1.1.dev90+gd1ca9cf8f"

@@ -1,0 +1,60 @@
+"""Which bpfree code runs: its commit and version, from the standard library only (the
+report generators, which import no torch, use it too).
+
+The commit is bpfree's own, never that of the directory a command runs in: from the git
+clone the package was installed from when it is an editable install of one, else from the
+package version, which setuptools-scm stamps with the commit at build time.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from bpfree import __version__
+
+
+def source_checkout() -> Path | None:
+    """The root of the bpfree git clone this code runs from, or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[1]
+    project = root / "pyproject.toml"
+    if (root / ".git").exists() and project.is_file() and 'name = "bpfree"' in project.read_text():
+        return root
+    return None
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, with `-dirty` when tracked files differ from it."""
+    root = source_checkout()
+    if root is None:
+        # setuptools-scm versions look like 0.1.dev12+g1a2b3c4 (.dYYYYMMDD when built dirty)
+        match = re.search(r"\+g([0-9a-f]{7,40})(\.d\d{8})?", __version__)
+        if not match:
+            return f"unknown (version {__version__})"
+        return match.group(1) + ("-dirty" if match.group(2) else "")
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def code_version() -> str:
+    """bpfree's version, said of the code that runs. An installed wheel: its version, which
+    names the commit it was built from. A git checkout (an editable install): its version
+    was stamped when it was installed and goes stale with the next commit, so it is then
+    given with the commit the code is actually at."""
+    if source_checkout() is None:
+        return __version__
+    commit = git_commit()
+    stamped = re.search(r"\+g([0-9a-f]{7,40})", __version__)
+    if commit.startswith("unknown") or (stamped and commit.startswith(stamped.group(1))):
+        return __version__
+    return f"{__version__} (as installed; the code is at commit {commit})"
