@@ -111,6 +111,8 @@ def _versus_twin(r: pd.Series) -> str:
         return NO_TWIN
     if r["twin"] == r["variant"]:
         return "twin"
+    if r.get("vs_twin_unfinished", False):
+        return "unfinished: no difference"
     diff = 100 * r["vs_twin_final_test_acc"]
     return f"{diff:+.2f}" if finite(diff) else "-"
 
@@ -144,7 +146,8 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
         "size and device. Its backprop twin (`backprop`, or `backprop-blocks` for "
         "NoProp-DT's blocks, on the same network, dataset, epochs, batch size and device) comes "
         f"first; 'vs backprop twin' is the final test accuracy minus the twin's, '{NO_TWIN}' "
-        "where none ran: a method is never compared with backprop on another network.",
+        "where none ran: a method is never compared with backprop on another network, and "
+        "never while it or its twin is unfinished.",
         "Mean ± sample standard deviation over the n seeds (no ± for one seed); "
         "**bold**: the best of its column within its group.",
         *(["Where n reads 'seeds × R runs' (`--inference-runs R`, for methods whose "

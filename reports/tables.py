@@ -148,8 +148,12 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_spread"] = row[f"{metric}_se"] if sampled else row[f"{metric}_std"]
         rows.append(row)
     table = _with_twins(pd.DataFrame(rows))
+    # Only finished results are compared: a row or twin still running has fewer epochs than
+    # the budget its group is named for, so its difference would not be like for like.
+    unfinished = table["partial"].astype(bool) | _of_twin(table, "partial").eq(True)
     table["vs_twin_final_test_acc"] = (table["final_test_acc_mean"]
-                                       - _of_twin(table, "final_test_acc_mean"))
+                                       - _of_twin(table, "final_test_acc_mean")).where(~unfinished)
+    table["vs_twin_unfinished"] = unfinished & (table["twin"] != "")
     return _grouped(table)
 
 

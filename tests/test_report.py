@@ -464,6 +464,30 @@ def test_diverged_running_and_failed_units_are_shown_not_dropped(tmp_path):
     assert "noprop-fm on mnist-5k, seed 0: RuntimeError: boom" in text
 
 
+def test_no_difference_is_taken_against_an_unfinished_twin_or_from_an_unfinished_row(tmp_path):
+    """A twin still running has fewer epochs than its group's budget: comparing a finished
+    method with it (or a running method with a finished twin) is not like for like. Both keep
+    their group; neither gets a difference (a finished 10-epoch NoProp-DT once read '+1.35'
+    against its backprop-blocks twin after 1 of 10 epochs)."""
+    run = write_run(tmp_path / "run", [
+        unit("backprop", 0, [0.80], status="running", epochs=3),
+        unit("fg-a", 0, [0.5, 0.6, 0.9], epochs=3),
+        unit("backprop", 0, [0.7, 0.8, 0.9], epochs=2, dataset="mnist"),
+        unit("fg-w", 0, [0.6], status="running", epochs=2, dataset="mnist"),
+        unit("dtp", 0, [0.5, 0.85], epochs=2, dataset="mnist"),
+    ])
+    doc, frames, _, _ = build([run])
+    acc = frames["accuracy"].set_index(["dataset", "variant"])
+    assert acc.loc[("mnist-5k", "fg-a"), "twin"] == "backprop"  # still its group's twin
+    assert math.isnan(acc.loc[("mnist-5k", "fg-a"), "vs_twin_final_test_acc"])
+    assert math.isnan(acc.loc[("mnist", "fg-w"), "vs_twin_final_test_acc"])
+    assert acc.loc[("mnist", "dtp"), "vs_twin_final_test_acc"] == pytest.approx(0.85 - 0.90)
+    text = render.markdown(doc)
+    assert "| fg-a | 1 | 90.00 | unfinished: no difference |" in text
+    assert "| fg-w | 1 | 60.00 | unfinished: no difference |" in text
+    assert "| dtp | 1 | 85.00 | -5.00 |" in text
+
+
 def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
     a = write_run(tmp_path / "a", [unit("backprop", 0, [0.9])])
     b = write_run(tmp_path / "b", [unit("backprop", 1, [0.8])], torch="2.5.0",
