@@ -178,6 +178,8 @@ def compare(ours: pd.DataFrame, published: pd.DataFrame
             variant = row["variant"] + (f" ({STATUS_LABELS['running']})" if row["partial"] else "")
             joined.append({**base, "variant": variant, "network": row["network"], "ours": value,
                            "ours_std": std, "n": row["n"], "epochs": row["epochs"],
-                           "difference": value - published_value})
+                           # an unfinished run has not trained the epochs the source did
+                           "difference": float("nan") if row["partial"]
+                           else value - published_value})
     return (pd.DataFrame(joined, columns=JOINED), pd.DataFrame(other, columns=OTHER),
             sorted(absent))

@@ -298,6 +298,21 @@ def test_a_published_number_is_never_joined_to_a_run_on_another_network():
     assert joined_any > 50
 
 
+def test_an_unfinished_run_joins_its_published_row_without_a_difference():
+    """A run still short of its epochs is shown next to the published number, labelled, but
+    its accuracy so far is not subtracted from one measured after all the epochs."""
+    published = read_published()
+    pub = next(p for p in published.itertuples()
+               if p.network != "unknown" and math.isfinite(p.epochs) and p.metric == "test_acc")
+    name, wanted = parse_method(pub.method)
+    for partial in (False, True):
+        row = {**_variant(pub, name, json.dumps(wanted), pub.network, "ours"), "partial": partial}
+        comp, _, _ = compare(pd.DataFrame([row]), published.loc[[pub.Index]])
+        assert len(comp) == 1
+        assert math.isnan(comp["difference"].iloc[0]) == partial
+        assert comp["variant"].iloc[0].endswith("(unfinished)") == partial, comp["variant"]
+
+
 def test_published_rows_without_a_network_are_never_joined():
     published = read_published()
     unknown = published[published["network"] == "unknown"]
