@@ -305,12 +305,13 @@ def test_an_unfinished_run_joins_its_published_row_without_a_difference():
     pub = next(p for p in published.itertuples()
                if p.network != "unknown" and math.isfinite(p.epochs) and p.metric == "test_acc")
     name, wanted = parse_method(pub.method)
-    for partial in (False, True):
-        row = {**_variant(pub, name, json.dumps(wanted), pub.network, "ours"), "partial": partial}
+    for unfinished in (False, True):
+        row = {**_variant(pub, name, json.dumps(wanted), pub.network, "ours"),
+               "partial": unfinished}
         comp, _, _ = compare(pd.DataFrame([row]), published.loc[[pub.Index]])
         assert len(comp) == 1
-        assert math.isnan(comp["difference"].iloc[0]) == partial
-        assert comp["variant"].iloc[0].endswith("(unfinished)") == partial, comp["variant"]
+        assert math.isnan(comp["difference"].iloc[0]) == unfinished
+        assert comp["variant"].iloc[0].endswith("(unfinished)") == unfinished, comp["variant"]
 
 
 def test_published_rows_without_a_network_are_never_joined():
