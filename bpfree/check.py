@@ -28,8 +28,8 @@ import torch
 from bpfree.data import Dataset, load_dataset
 from bpfree.harness import Budget, Unit, run_unit
 from bpfree.methods import ConfigError, all_methods, broken_modules
-from bpfree.provenance import source_checkout
 from bpfree.records import write_csv
+from bpfree.version import source_checkout
 
 # The baseline shipped with the package (bpfree.results); in a clone, the repository's file.
 BASELINE = Path(str(files("bpfree.results") / "baseline" / "ci.csv"))

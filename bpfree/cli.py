@@ -17,10 +17,11 @@ from bpfree import __version__, options
 from bpfree.data import DATASETS, check_batch_size, load_dataset
 from bpfree.harness import Budget, Unit, pending, resolve_device, run_units
 from bpfree.methods import ConfigError, all_methods, broken_modules, get_method
-from bpfree.provenance import environment, git_commit
+from bpfree.provenance import environment
 from bpfree.records import RecordsError, Status, merge_run, start_run, write_csv
 from bpfree.reports.load import ReportError
 from bpfree.suites import SUITES, add_twins, describe_recorded
+from bpfree.version import git_commit
 
 EXIT_CODES = """exit codes:
   0  everything asked for finished (a diverged unit is a result: it counts as finished)

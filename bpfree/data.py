@@ -426,10 +426,9 @@ def check_batch_size(batch_size: int, data: Dataset, flag: str = "batch size") -
     short batch, a different budget than the one asked for. Checked once here for `bpfree
     run` (before any folder is made) and for every unit the harness trains (sweeps)."""
     n = len(data.train_x)
-    if not 1 <= batch_size <= n:
+    if batch_size > n:
         raise ConfigError(f"{flag} {batch_size} is larger than the {n} training images of "
-                          f"{data.name}: every epoch would be one short batch; use at most {n}"
-                          if batch_size > n else f"{flag} must be >= 1, got {batch_size}")
+                          f"{data.name}: every epoch would be one short batch; use at most {n}")
 
 
 def load_dataset(

@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-from bpfree.version import code_version, git_commit, source_checkout
-
-__all__ = ["code_version", "environment", "git_commit", "source_checkout"]
+from bpfree.version import code_version, git_commit
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def tune_method(method: str, dataset: str, trials: int, epochs: int, preset: str
     """Run the equal-budget search and write the chosen preset; returns (path, its content).
     Everything it writes goes under `out_dir`: the preset, and Ray Tune's trials in
     `out_dir/trials/`."""
-    from bpfree.provenance import git_commit
+    from bpfree.version import git_commit
     from bpfree.workers import start_ray
 
     fixed = dict(fixed or {})

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from bpfree import __version__
 
+# setuptools-scm versions look like 0.1.dev12+g1a2b3c4 (.dYYYYMMDD when built dirty)
+STAMP = re.compile(r"\+g([0-9a-f]{7,40})(\.d\d{8})?")
+
 
 def source_checkout() -> Path | None:
     """The root of the bpfree git clone this code runs from, or None for an installed wheel."""
@@ -28,8 +31,7 @@ def git_commit() -> str:
     """The commit of the code that runs, with `-dirty` when tracked files differ from it."""
     root = source_checkout()
     if root is None:
-        # setuptools-scm versions look like 0.1.dev12+g1a2b3c4 (.dYYYYMMDD when built dirty)
-        match = re.search(r"\+g([0-9a-f]{7,40})(\.d\d{8})?", __version__)
+        match = STAMP.search(__version__)
         if not match:
             return f"unknown (version {__version__})"
         return match.group(1) + ("-dirty" if match.group(2) else "")
@@ -54,7 +56,7 @@ def code_version() -> str:
     if source_checkout() is None:
         return __version__
     commit = git_commit()
-    stamped = re.search(r"\+g([0-9a-f]{7,40})", __version__)
+    stamped = STAMP.search(__version__)
     if commit.startswith("unknown") or (stamped and commit.startswith(stamped.group(1))):
         return __version__
     return f"{__version__} (as installed; the code is at commit {commit})"

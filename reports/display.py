@@ -111,7 +111,7 @@ def _versus_twin(r: pd.Series) -> str:
         return NO_TWIN
     if r["twin"] == r["variant"]:
         return "twin"
-    if r.get("vs_twin_unfinished", False):
+    if r["vs_twin_unfinished"]:
         return "unfinished: no difference"
     diff = 100 * r["vs_twin_final_test_acc"]
     return f"{diff:+.2f}" if finite(diff) else "-"
