@@ -18,6 +18,19 @@ Phases, each in its own process and bounded by what is left of the budget:
 5. `evaluate` / `report`: NoProp-DT's kept models under both samplers, the report, then
    CT and FM under other step counts and solvers.
 
+`--plan protocol` runs a second, shorter set (the work the first session's checks left):
+
+1. `cuda-tests`, as above.
+2. `alone`: 10 epochs of full MNIST for NoProp-DT and backprop-blocks with the fast step, seed
+   0, one unit at a time (time per epoch with the GPU to itself), 5 inference runs per epoch.
+3. `ff-paper`: Forward-Forward's `paper` preset for its 60 epochs, started in the background
+   once `alone` is done (an eager, host-bound MLP; it shares the GPU with phase 4).
+4. `seeds`: the same two units for seeds 1 and 2, so that NoProp-DT has the paper's protocol
+   (3 seeds x 5 inference runs) next to its backprop twin on the same network and split.
+5. `evaluate` (NoProp-DT's kept models under the ancestral and mean chains, 5 runs) and
+   `report` of the three folders. Whatever `ff-paper` has not finished by then is stopped; its
+   records so far come back.
+
 bpfree need not be installed there (the device image has torch but cannot fetch
 setuptools-scm to build it): if `bpfree.methods` does not import, the script links methods/,
 reports/ and results/ into bpfree/ (untracked symbolic links, so the commit stays clean) and
@@ -93,6 +106,37 @@ class Phases:
         self.save()
         return code
 
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start a phase in the background; `finish` collects it (or stops it at the budget)."""
+        print(f"[{time.strftime('%H:%M:%S')}] {name} (background): {' '.join(cmd)}", flush=True)
+        sink = open(self.work / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc.bpfree_phase = (name, cmd, time.monotonic(), sink)  # type: ignore[attr-defined]
+        return proc
+
+    def finish(self, proc: subprocess.Popen, margin_s: float = 20) -> int:
+        name, cmd, start, sink = proc.bpfree_phase  # type: ignore[attr-defined]
+        try:
+            code = proc.wait(timeout=max(1.0, self.left() - margin_s))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            code = 124
+        sink.close()
+        seconds = time.monotonic() - start
+        output = (self.work / f"{name}.log").read_text(errors="replace")
+        self.log.append({"phase": name, "cmd": cmd, "seconds": round(seconds, 1), "code": code,
+                         "tail": output[-1500:], "background": True})
+        print(f"    {name} -> exit {code} in {seconds:.0f}s", flush=True)
+        self.save()
+        return code
+
     def save(self) -> None:
         (self.work / "phases.json").write_text(json.dumps(self.log, indent=1))
         tmp = self.out / ".results.tar.gz.tmp"
@@ -146,6 +190,33 @@ def sweep_file(path: Path, eager: set[str]) -> Path:
     return path
 
 
+def plan_protocol(phases: Phases, args: argparse.Namespace, data: str, eager: set[str]) -> None:
+    """NoProp-DT's paper protocol at 10 epochs beside its twin, and FF's paper run (see above)."""
+    work = phases.work
+    unit = ["--dataset", args.dataset, "--data-dir", data, "--epochs", str(args.epochs),
+            "--val-fraction", "0.1", "--device", args.device, "--inference-runs", "5",
+            "--save-model", "--set", "preset=paper",
+            *[f"{m}.step=eager" for m in ("noprop-dt", "backprop-blocks") if m in eager]]
+    methods = ["--methods", "noprop-dt,backprop-blocks"]
+    phases.run("alone", cli("run", *methods, "--seeds", "0", *unit, "--out",
+                            str(work / "alone")), 240)
+    ff = phases.start("ff-paper", cli("run", "--methods", "ff", "--dataset", args.dataset,
+                                      "--data-dir", data, "--epochs", str(args.ff_epochs),
+                                      "--batch-size", "100", "--device", args.device,
+                                      "--set", "preset=paper", "--out", str(work / "ff-paper")))
+    phases.run("seeds", cli("run", *methods, "--seeds", "1,2", *unit, "--out",
+                            str(work / "seeds")), phases.left() - 45)
+    folders = [str(work / "alone"), str(work / "seeds")]
+    for folder in folders:
+        phases.run(f"evaluate-{Path(folder).name}",
+                   cli("evaluate", folder, "--data-dir", data, "--inference-runs", "5",
+                       "--device", args.device, "--methods", "noprop-dt",
+                       "--set", "sampler=ancestral,mean"), 20)
+    phases.finish(ff, margin_s=25)
+    phases.run("report", cli("report", *folders, str(work / "ff-paper"),
+                             "--out", str(work / "report")), 20)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
@@ -156,6 +227,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script")
     parser.add_argument("--sweep-epochs", type=int, default=10,
                         help="the ablation's epochs (its file says 10; fewer only to try the script)")
+    parser.add_argument("--plan", choices=("checks", "protocol"), default="checks",
+                        help="checks: the first session's device checks; protocol: see above")
+    parser.add_argument("--dataset", default="mnist",
+                        help="protocol plan's dataset (mnist; mnist-5k only to try the script)")
+    parser.add_argument("--epochs", type=int, default=10, help="protocol plan's epochs per unit")
+    parser.add_argument("--ff-epochs", type=int, default=60,
+                        help="protocol plan's Forward-Forward epochs (its paper's 60)")
     args = parser.parse_args()
     out = Path(args.out)
     phases = Phases(out, args.budget_s, Path(args.work_dir) if args.work_dir else None)
@@ -173,6 +251,10 @@ def main() -> int:
     log = (work / "cuda-tests.log").read_text() if (work / "cuda-tests.log").exists() else ""
     eager = graph_failures(log)
     (work / "eager_fallback.json").write_text(json.dumps(sorted(eager)))
+    if args.plan == "protocol":
+        plan_protocol(phases, args, data, eager)
+        phases.save()
+        return 0
 
     graphed = [m for m in COST_METHODS if m not in eager]
     common = ["--input", "mnist", "--repeats", "5", "--device", args.device]
