@@ -11,8 +11,11 @@ folder carved a validation split) and test accuracy are measured over `inference
 passes with the same seeding rule as the harness, so the unchanged settings reproduce the
 recorded numbers. An inference setting is chosen on `val_acc`, never on `test_acc`.
 
-Rows are appended to `RUN_DIR/evaluations.csv` (one per unit and setting), so one call per
-setting builds up an inference-steps table.
+Rows are added to `RUN_DIR/evaluations.csv` (one per unit and setting), so one call per
+setting builds up an inference-steps table. Evaluating a unit again under the same setting and
+number of runs replaces its row rather than adding a second: the passes are seeded, so the
+accuracies are the same, and a table with the row twice would count it twice (a device run whose
+first call was stopped at its time limit after writing, then repeated, left such pairs).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
                  device_name: str = "auto", batch_size: int = 1000,
                  methods: list[str] | None = None) -> pd.DataFrame:
     """Evaluate every saved unit of `run_dir` (of `methods`, default all) under every
-    setting; append the rows to evaluations.csv.
+    setting; add the rows to evaluations.csv (see above).
 
     `run_dir` is a `bpfree run` folder or a `bpfree sweep` folder: each unit is evaluated on
     the dataset its own records name (a sweep may hold several), split with the folder's
@@ -173,6 +176,7 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
     frame = pd.DataFrame(rows)
     out = run_dir / "evaluations.csv"
     if out.is_file():
-        frame = pd.concat([pd.read_csv(out), frame], ignore_index=True)
+        frame = pd.concat([pd.read_csv(out), frame], ignore_index=True).drop_duplicates(
+            subset=["unit", "setting", "inference_runs"], keep="last", ignore_index=True)
     write_csv(out, frame)
     return frame.tail(len(rows))

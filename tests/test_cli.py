@@ -75,10 +75,16 @@ def test_inference_runs_are_averaged_and_evaluate_reproduces_them(tmp_path, caps
                  "--set", "sampler=ancestral,mean"]) == 0
     rows = pd.read_csv(out / "evaluations.csv")
     recorded = three["test_acc"].xs(1, level="epoch")
-    as_trained = rows.iloc[:2].set_index("method")["test_acc"]
+    as_trained = rows[rows["setting"] == "{}"].set_index("method")["test_acc"]
     assert as_trained["noprop-dt"] == pytest.approx(recorded["noprop-dt"], abs=1e-12)
     assert as_trained["backprop"] == pytest.approx(recorded["backprop"], abs=1e-12)
-    assert len(rows) == 2 + 3  # backprop has no sampler: measured once
+    # backprop has no sampler: measured once per call, and its second row replaced the first
+    assert len(rows) == 2 + 2
+    assert main(["evaluate", str(out), "--inference-runs", "3", "--device", "cpu",
+                 "--set", "sampler=mean"]) == 0
+    again = pd.read_csv(out / "evaluations.csv")
+    assert len(again) == len(rows)  # the same unit, setting and runs again: no second row
+    assert not again.duplicated(["unit", "setting", "inference_runs"]).any()
     dt = rows[rows["method"] == "noprop-dt"].iloc[1:]
     assert sorted(dt["sampler"]) == ["ancestral", "mean"]
     assert dt.set_index("sampler").loc["ancestral", "test_acc"] == pytest.approx(
