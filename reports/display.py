@@ -6,6 +6,7 @@ as Markdown, HTML or LaTeX, so the three formats cannot disagree on a number.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -166,6 +167,45 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
                      "unit's configuration with its method's `network_of`.")
     return Table("accuracy", "Accuracy", columns, rows, notes, set(range(1, len(columns) - 1)),
                  group_labels(acc))
+
+
+def setting_text(setting: str) -> str:
+    """`{"sampler": "mean"}` -> 'sampler=mean'; `{}` -> 'as trained'."""
+    try:
+        values = json.loads(setting)
+    except (TypeError, ValueError):
+        return str(setting)
+    if not isinstance(values, dict):
+        return str(setting)
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "as trained"
+
+
+def evaluations(table: pd.DataFrame) -> Table:
+    """Kept models evaluated again under inference settings (`bpfree evaluate`); the best
+    validation accuracy of each method is marked: the setting to choose."""
+    best = pd.Series(False, index=table.index)
+    for _, group in table.groupby([*GROUP_KEYS, "variant"], dropna=False):
+        values = pd.to_numeric(group["val_acc_mean"], errors="coerce").dropna()
+        if len(values) > 1:
+            best[values.index[values == values.max()]] = True
+    rows = []
+    for i, r in table.iterrows():
+        n = f"{r['n']} × {r['runs']} runs" if r["runs"] > 1 else str(r["n"])
+        rows.append([Cell(r["variant"]), Cell(setting_text(r["setting"])), Cell(n),
+                     Cell(percent(r["val_acc_mean"], r["val_acc_spread"]), bool(best[i])),
+                     Cell(percent(r["test_acc_mean"], r["test_acc_spread"]))])
+    columns = ["method", "inference setting", "n", "val acc %", "test acc %"]
+    notes = [
+        "The models a run kept (`--save-model`), evaluated again without retraining under "
+        "other inference settings (`bpfree evaluate RUN_DIR --set KEY=V1,V2`); 'as trained' is "
+        "the setting the run trained and recorded with. Grouped as the accuracy table.",
+        "Where n reads 'seeds × R runs' (predictions sampled R times), mean ± standard error "
+        "over all runs of all seeds; else mean ± sample standard deviation over the seeds.",
+        "**bold**: each method's best validation accuracy, the setting to choose; its test "
+        "accuracy is the number to report. A setting is never chosen on test accuracy.",
+    ]
+    return Table("inference_settings", "Inference settings on kept models", columns, rows,
+                 notes, {2, 3, 4}, group_labels(table))
 
 
 def _time_to_target(r: pd.Series) -> str:

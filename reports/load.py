@@ -8,7 +8,7 @@ Nothing here imports torch or the methods: a report is made from CSV and JSON fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from bpfree.records import (
 
 RECORD_COLUMNS = ("unit", "method", "dataset", "seed", "epoch", "test_acc", "cum_time_s",
                   "cum_train_flops")
+# What `bpfree evaluate` writes to RUN_DIR/evaluations.csv, and a report reads.
+EVALUATION_COLUMNS = ("unit", "setting", "val_acc", "val_acc_se", "test_acc", "test_acc_se",
+                      "inference_runs")
 
 
 class ReportError(ValueError):
@@ -38,6 +41,8 @@ class Runs:
     records: pd.DataFrame  # one row per unit x epoch, with a `run` column
     summary: pd.DataFrame  # one row per unit (every status), with a `run` column
     metas: dict[str, dict[str, Any]]  # run folder -> its meta.json
+    # one row per unit x inference setting (`bpfree evaluate`), with a `run` column; may be empty
+    evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _read_records(path: Path) -> pd.DataFrame:
@@ -53,6 +58,30 @@ def _read_records(path: Path) -> pd.DataFrame:
         if not pd.api.types.is_numeric_dtype(frame[column]):
             raise RecordsError(f"{path}: column {column} holds non-numbers: corrupt")
     return frame
+
+
+def read_evaluations(run_dir: Path) -> pd.DataFrame:
+    """RUN_DIR/evaluations.csv (`bpfree evaluate`), checked; empty where there is none.
+    A unit evaluated twice under one setting and number of runs keeps its last row, the
+    rule `bpfree evaluate` writes by (older files may hold both)."""
+    path = run_dir / "evaluations.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RecordsError(f"{path}: corrupt CSV ({str(exc).strip().splitlines()[0]}); delete "
+                           f"it and run `bpfree evaluate` again") from None
+    missing = [c for c in EVALUATION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise RecordsError(f"{path}: missing column(s) {', '.join(missing)}: corrupt, or written "
+                           f"by an older bpfree; delete it and run `bpfree evaluate` again")
+    for column in EVALUATION_COLUMNS[2:]:
+        if not pd.api.types.is_numeric_dtype(frame[column]) and frame[column].notna().any():
+            raise RecordsError(f"{path}: column {column} holds non-numbers: corrupt; delete it "
+                               f"and run `bpfree evaluate` again")
+    frame = frame.drop_duplicates(["unit", "setting", "inference_runs"], keep="last")
+    return frame.assign(run=str(run_dir)).reset_index(drop=True)
 
 
 def _progress(rec: pd.DataFrame | None) -> dict[str, Any]:
@@ -104,7 +133,7 @@ def load_runs(run_dirs: list[Path]) -> Runs:
     """Merge several run folders; the same unit in two of them is refused, not counted twice."""
     if not run_dirs:
         raise ReportError("no run folder given")
-    records, summaries, metas = [], [], {}
+    records, summaries, metas, evaluations = [], [], {}, []
     seen: dict[tuple[Any, ...], Path] = {}
     for run_dir in run_dirs:
         rec, summary, meta = read_run(run_dir)
@@ -117,6 +146,7 @@ def load_runs(run_dirs: list[Path]) -> Runs:
         records.append(rec)
         summaries.append(summary)
         metas[str(run_dir)] = meta
+        evaluations.append(read_evaluations(run_dir))
     summary = pd.concat(summaries, ignore_index=True)
     # Units that never finished (all failed, say) lack the measured fields: add them empty.
     for column in (*SUMMARY_FIELDS, "time_to_target_s", "target_acc", "final_val_acc"):
@@ -124,4 +154,5 @@ def load_runs(run_dirs: list[Path]) -> Runs:
             summary[column] = float("nan")
     if "error" not in summary:
         summary["error"] = ""
-    return Runs(pd.concat(records, ignore_index=True), summary, metas)
+    return Runs(pd.concat(records, ignore_index=True), summary, metas,
+                pd.concat(evaluations, ignore_index=True))

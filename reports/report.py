@@ -5,7 +5,8 @@ Output (in `out_dir`, by default `RUN_DIR/report/` for a single run):
     index.html     one self-contained page (style and plots inline, no network)
     tables.tex     booktabs tables for a paper
     accuracy.csv, cost.csv, published_comparison.csv, published_other_setups.csv
-                   the aggregated tables as numbers
+                   the aggregated tables as numbers (and inference_settings.csv where a
+                   run folder holds `bpfree evaluate`'s evaluations.csv)
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from bpfree.version import code_version
 from . import display, plots, provenance, render
 from .load import ReportError, load_runs
 from .published import compare, read_published
-from .tables import accuracy_table, assign_variants, cost_table, failures, fill_networks
+from .tables import (
+    accuracy_table,
+    assign_variants,
+    cost_table,
+    evaluation_table,
+    failures,
+    fill_networks,
+)
 
 FORMATS = ("md", "html", "tex", "csv")
 Describe = Callable[[str, str], dict[str, str]]
@@ -54,6 +62,7 @@ def build(run_dirs: list[Path], describe: Describe | None = None
         records = records.merge(summary[["run", "unit", "variant"]], on=["run", "unit"], how="inner")
         records = records.sort_values(["dataset", "method", "variant", "seed", "epoch"], kind="stable")
     acc, cost = accuracy_table(summary), cost_table(summary)
+    settings = evaluation_table(runs.evaluations, summary)
     ours = acc.merge(cost[[c for c in cost.columns if c not in acc or c in ("dataset", "variant")]],
                      on=["dataset", "variant"])
     comparison, other, absent = compare(ours, read_published())
@@ -67,14 +76,17 @@ def build(run_dirs: list[Path], describe: Describe | None = None
         intro=intro,
         warnings=provenance.warnings(runs.metas),
         runs=provenance.table(runs.metas),
-        tables=[display.accuracy(acc, derived), display.cost_ratio(cost), display.cost(cost),
+        tables=[display.accuracy(acc, derived),
+                *([display.evaluations(settings)] if len(settings) else []),
+                display.cost_ratio(cost), display.cost(cost),
                 display.published(comparison, absent, datasets, len(other)),
                 display.published_other(other)],
         failures=display.failures(failures(summary)),
         figures=[],
     )
     frames = {"accuracy": acc, "cost": cost, "published_comparison": comparison,
-              "published_other_setups": other}
+              "published_other_setups": other,
+              **({"inference_settings": settings} if len(settings) else {})}
     return doc, frames, records, summary
 
 

@@ -141,11 +141,10 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_se"] = (pooled_se(counted[metric], counted.get(f"{metric}_se"),
                                              row["runs"]) if row["runs"] > 1 else float("nan"))
         for metric in ACCURACY_METRICS:
-            # The one rule for the "±" every table shows: the standard error over runs x
-            # seeds where predictions were sampled several times (NoProp's protocol), else
-            # the std over seeds. Train and best-epoch accuracy have no s.e.: always the std.
-            sampled = row["runs"] > 1 and f"{metric}_se" in row
-            row[f"{metric}_spread"] = row[f"{metric}_se"] if sampled else row[f"{metric}_std"]
+            # Train and best-epoch accuracy have no standard error: always the std.
+            sampled = f"{metric}_se" in row
+            row[f"{metric}_spread"] = spread(counted[metric], counted.get(f"{metric}_se"),
+                                             row["runs"] if sampled else 1)
         rows.append(row)
     table = _with_twins(pd.DataFrame(rows))
     # Only finished results are compared: a row or twin still running has fewer epochs than
@@ -171,6 +170,48 @@ def pooled_se(means: pd.Series, ses: pd.Series | None, runs: int) -> float:
     within = (ses**2 * runs * (runs - 1)).sum()
     between = (runs * (means - means.mean()) ** 2).sum()
     return float(((within + between) / (total - 1) / total) ** 0.5)
+
+
+def spread(means: pd.Series, ses: pd.Series | None, runs: int) -> float:
+    """The one rule for the "±" every table shows: the standard error over runs x seeds where
+    predictions were sampled `runs` > 1 times (NoProp's protocol, `pooled_se`), else the
+    sample standard deviation over seeds (NaN for one seed)."""
+    if runs > 1:
+        return pooled_se(means, ses, runs)
+    values = pd.to_numeric(means, errors="coerce").dropna()
+    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+EVALUATION_METRICS = ("val_acc", "test_acc")
+
+
+def evaluation_table(evaluations: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """Per variant x dataset x inference setting x number of runs (`bpfree evaluate` on kept
+    models): mean and "±" (`spread`) over the seeds evaluated, validation and test.
+
+    Rows are grouped and ordered as the accuracy table's (dataset, network, budget), the
+    settings of one variant together. An evaluation of a unit no report folder holds is
+    dropped: its variant and network would be unknown."""
+    identity = ["method", "network", "schedule", "epochs", "batch_size", "device"]
+    if evaluations.empty:
+        return pd.DataFrame(columns=["dataset", "variant", *identity, "setting", "runs", "n"])
+    units = summary[["run", "unit", "dataset", "variant", *identity]]
+    merged = evaluations.drop(columns=[c for c in ("method", "dataset", "epochs")
+                                       if c in evaluations]).merge(units, on=["run", "unit"])
+    rows = []
+    for (dataset, variant, setting, runs), group in merged.groupby(
+            ["dataset", "variant", "setting", "inference_runs"], sort=False):
+        row: dict[str, Any] = {**_identity(dataset, variant, group), "setting": setting,
+                               "runs": int(runs), "n": len(group),
+                               "seeds": " ".join(str(s) for s in sorted(group["seed"]))}
+        for metric in EVALUATION_METRICS:
+            values = pd.to_numeric(group[metric], errors="coerce")
+            row[f"{metric}_mean"] = values.mean() if values.notna().any() else float("nan")
+            row[f"{metric}_spread"] = spread(group[metric], group[f"{metric}_se"], int(runs))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = table.sort_values([*TWIN_KEYS, "variant", "setting", "runs"], kind="stable").index
+    return table.loc[order].reset_index(drop=True)
 
 
 def _identity(dataset: str, variant: str, group: pd.DataFrame) -> dict[str, Any]:

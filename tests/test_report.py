@@ -147,6 +147,64 @@ def test_sampling_methods_report_mean_and_standard_error_over_runs_and_seeds(tmp
     assert "mean ± standard error over all R inference runs of all seeds" in text
 
 
+def write_evaluations(run: Path, rows: list[tuple[str, int, str, list[float], list[float]]]
+                      ) -> None:
+    """RUN_DIR/evaluations.csv as `bpfree evaluate` writes it: one row per (method, seed,
+    setting) with the runs' mean and standard error on validation and test."""
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        series = pd.Series(values)
+        return series.mean(), (series.std(ddof=1) / math.sqrt(len(series))
+                               if len(series) > 1 else float("nan"))
+    out = []
+    for method, seed, setting, val, test in rows:
+        (val_mean, val_se), (test_mean, test_se) = mean_se(val), mean_se(test)
+        out.append({"unit": f"{method}__mnist-5k__quick__s{seed}", "method": method,
+                    "dataset": "mnist-5k", "seed": seed, "epochs": 2, "setting": setting,
+                    "sampler": json.loads(setting).get("sampler"), "val_acc": val_mean,
+                    "val_acc_se": val_se, "test_acc": test_mean, "test_acc_se": test_se,
+                    "inference_runs": len(test), "eval_time_s": 0.5})
+    pd.DataFrame(out).to_csv(run / "evaluations.csv", index=False)
+
+
+def test_inference_settings_of_kept_models_are_pooled_over_runs_and_seeds(tmp_path):
+    """`bpfree evaluate`'s rows become one row per method and setting: mean ± s.e. over all
+    runs of all seeds when sampled, ± std over seeds when not; the best validation accuracy
+    of each method is marked (never the best test); a row evaluated twice counts once."""
+    run = write_run(tmp_path / "run", [unit("noprop-dt", s, [0.5, 0.9]) for s in (0, 1)]
+                    + [unit("backprop", s, [0.5, 0.95]) for s in (0, 1)])
+    anc = {0: ([0.90, 0.92, 0.94], [0.91, 0.93, 0.99]), 1: ([0.88, 0.90, 0.92], [0.89, 0.91, 0.99])}
+    mean = {0: ([0.95] * 3, [0.94] * 3), 1: ([0.97] * 3, [0.96] * 3)}
+    ancestral, noise_free = '{"sampler": "ancestral"}', '{"sampler": "mean"}'
+    write_evaluations(run, [("noprop-dt", s, ancestral, *anc[s]) for s in (0, 1)]
+                      + [("noprop-dt", s, noise_free, *mean[s]) for s in (0, 1)]
+                      + [("backprop", 0, "{}", [0.93], [0.95]),
+                         ("backprop", 1, "{}", [0.95], [0.96])])
+    # an older file may hold one evaluation twice: it must not count twice
+    rows = pd.read_csv(run / "evaluations.csv")
+    pd.concat([rows, rows.iloc[[0]]]).to_csv(run / "evaluations.csv", index=False)
+
+    doc, frames, _, _ = build([run])
+    table = frames["inference_settings"].set_index(["variant", "setting"])
+    every_test = pd.Series(anc[0][1] + anc[1][1])
+    row = table.loc[("noprop-dt", ancestral)]
+    assert row["n"] == 2 and row["runs"] == 3
+    assert row["test_acc_mean"] == pytest.approx(every_test.mean())
+    assert row["test_acc_spread"] == pytest.approx(every_test.std(ddof=1) / math.sqrt(6))
+    deterministic = table.loc[("backprop", "{}")]
+    assert deterministic["runs"] == 1 and deterministic["test_acc_spread"] == pytest.approx(
+        pd.Series([0.95, 0.96]).std(ddof=1))
+    text = render.markdown(doc)
+    # ancestral has the higher test accuracy (95.33) but the lower validation: not marked
+    assert f"| noprop-dt | sampler=ancestral | 2 × 3 runs | 91.00 ± {100 * pd.Series(anc[0][0] + anc[1][0]).std(ddof=1) / math.sqrt(6):.2f} |" in text
+    assert "| noprop-dt | sampler=mean | 2 × 3 runs | **96.00 ± 0.45** | 95.00 ± 0.45 |" in text
+    assert "| backprop | as trained | 2 | 94.00 ± 1.41 | 95.50 ± 0.71 |" in text
+    # without evaluations there is no such section or file
+    plain_run = write_run(tmp_path / "plain", [unit("backprop", 0, [0.9])])
+    doc, frames, _, _ = build([plain_run])
+    assert "inference_settings" not in frames
+    assert "Inference settings" not in render.markdown(doc)
+
+
 def test_a_method_is_compared_only_with_backprop_on_its_own_network(tmp_path):
     """The twin is backprop on the same network, dataset and budget: a method on another
     network, another budget, or with no network recorded gets no ratio and no accuracy
@@ -546,6 +604,12 @@ def _bad_records(run: Path) -> str:
     return str(path)
 
 
+def _bad_evaluations(run: Path) -> str:
+    path = run / "evaluations.csv"
+    path.write_text("unit,setting,val_acc\nx,{},0.9\n")
+    return str(path)
+
+
 def _no_meta(run: Path) -> str:
     (run / "meta.json").unlink()
     return str(run / "meta.json")
@@ -556,6 +620,7 @@ def _no_meta(run: Path) -> str:
     (_old_schema, "has no schema field (an older bpfree), but this bpfree reads records schema 1"),
     (_bad_records, "missing column(s) method, dataset, seed, test_acc"),
     (_no_meta, "is missing"),
+    (_bad_evaluations, "missing column(s) val_acc_se, test_acc, test_acc_se, inference_runs"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, damage, message):
     run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])])
