@@ -210,8 +210,27 @@ def evaluation_table(evaluations: pd.DataFrame, summary: pd.DataFrame) -> pd.Dat
             row[f"{metric}_spread"] = spread(group[metric], group[f"{metric}_se"], int(runs))
         rows.append(row)
     table = pd.DataFrame(rows)
-    order = table.sort_values([*TWIN_KEYS, "variant", "setting", "runs"], kind="stable").index
+    order = table.assign(_setting=table["setting"].map(_setting_order)).sort_values(
+        [*TWIN_KEYS, "variant", "_setting", "runs"], kind="stable").index
     return table.loc[order].reset_index(drop=True)
+
+
+def _setting_order(setting: str) -> str:
+    """A sort key under which `inference_steps=20` comes before `inference_steps=100`: each
+    number is zero-padded, everything else kept as text."""
+    try:
+        values = json.loads(setting)
+    except (TypeError, ValueError):
+        return str(setting)
+    if not isinstance(values, dict):
+        return str(setting)
+
+    def text(v: Any) -> str:  # `bpfree evaluate` records values as typed: "20" or 20
+        try:
+            return f"{float(v):020.6f}"
+        except (TypeError, ValueError):
+            return str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in sorted(values.items()))
 
 
 def _identity(dataset: str, variant: str, group: pd.DataFrame) -> dict[str, Any]:

@@ -198,6 +198,11 @@ def test_inference_settings_of_kept_models_are_pooled_over_runs_and_seeds(tmp_pa
     assert f"| noprop-dt | sampler=ancestral | 2 × 3 runs | 91.00 ± {100 * pd.Series(anc[0][0] + anc[1][0]).std(ddof=1) / math.sqrt(6):.2f} |" in text
     assert "| noprop-dt | sampler=mean | 2 × 3 runs | **96.00 ± 0.45** | 95.00 ± 0.45 |" in text
     assert "| backprop | as trained | 2 | 94.00 ± 1.41 | 95.50 ± 0.71 |" in text
+    # settings in numeric order, as typed on the command line ("100" after "20")
+    steps = [json.dumps({"inference_steps": n}) for n in ("100", "20", "10")]
+    write_evaluations(run, [("noprop-dt", 0, st, [0.9], [0.9]) for st in steps])
+    order = build([run])[1]["inference_settings"]["setting"].tolist()
+    assert order == [steps[2], steps[1], steps[0]]
     # without evaluations there is no such section or file
     plain_run = write_run(tmp_path / "plain", [unit("backprop", 0, [0.9])])
     doc, frames, _, _ = build([plain_run])
