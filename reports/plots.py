@@ -44,6 +44,7 @@ STYLE = {
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "*", "h", "p", "d", "H", "8")  # no x (divergence), no arrows
 PANEL = (5.0, 3.6)  # inches per subplot
+LEGEND_INCH_PER_CHAR = 0.07  # a legend label's width per character, at the style's font size
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ def _legend(fig: Figure) -> None:
                 labels.append(label)
     if labels:
         fig.legend([handles[x] for x in labels], labels, loc="outside right upper")
+        # The legend takes its width from the panels; widen the figure by about that much
+        # so that long variant labels do not squeeze the axes to nothing.
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + LEGEND_INCH_PER_CHAR * max(map(len, labels)) + 0.5, height)
 
 
 def _empty(ax: Axes, text: str) -> None:
@@ -243,7 +248,9 @@ def memory_bars(records: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         errors = np.vstack([mean - lo, hi - mean])
         if (errors > 0).any():
             ax.errorbar(positions, mean, yerr=errors, fmt="none", ecolor="black", capsize=3)
-        ax.set_xticks(positions, stats.index, rotation=35, ha="right")
+        # a variant's settings on a line of their own: "noprop-ct\n(schedule_...=False)"
+        ax.set_xticks(positions, [v.replace(" (", "\n(") for v in stats.index], rotation=35,
+                      ha="right")
         pad = 0.6 + max(0, 3 - len(stats)) / 2  # a lone bar is not the panel's full width
         ax.set_xlim(-pad, len(stats) - 1 + pad)
         ax.grid(False, axis="x")

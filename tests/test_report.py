@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import math
+import warnings
 from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
@@ -565,6 +566,22 @@ def test_no_difference_is_taken_against_an_unfinished_twin_or_from_an_unfinished
     assert "| fg-a | 1 | 90.00 | unfinished: no difference |" in text
     assert "| fg-w | 1 | 60.00 | unfinished: no difference |" in text
     assert "| dtp | 1 | 85.00 | -5.00 |" in text
+
+
+def test_long_variant_labels_leave_every_plot_room_to_draw(tmp_path):
+    """Variants labelled by a long setting ('noprop-ct (schedule_weight_decay=False)') once
+    squeezed the memory plot's axes to nothing beside its legend (matplotlib then warns and
+    draws them collapsed): every plot must lay out without that warning."""
+    run = write_run(tmp_path / "run", [
+        unit("noprop-ct", 0, [0.5, 0.9], schedule_weight_decay=False, lr=0.001),
+        unit("noprop-ct", 0, [0.5, 0.8], schedule_weight_decay=True, lr=0.001),
+        unit("noprop-fm", 0, [0.6, 0.95])])
+    _, _, records, summary = build([run])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for plot in plots.PLOTS:
+            if plot.applies(records):
+                Image.open(io.BytesIO(plots.render(plot, records, summary))).verify()
 
 
 def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
