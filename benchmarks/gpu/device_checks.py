@@ -74,6 +74,7 @@ class Phases:
         return self.deadline - time.monotonic()
 
     def run(self, name: str, cmd: list[str], limit_s: float, env: dict | None = None) -> int:
+        """Run a phase to its end or to `limit_s` (and what is left of the budget)."""
         limit = min(limit_s, self.left() - 15)
         if limit < 10:
             self.log.append({"phase": name, "skipped": "no time left"})
@@ -81,45 +82,25 @@ class Phases:
             return -1
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)} (limit {limit:.0f}s)",
               flush=True)
-        start = time.monotonic()
-        logfile = self.work / f"{name}.log"
-        with open(logfile, "w") as sink:
-            # A session of its own, so that a timeout ends the command's workers too.
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-            try:
-                code = proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                code = 124
-        output = logfile.read_text(errors="replace")
-        seconds = time.monotonic() - start
-        self.log.append({"phase": name, "cmd": cmd, "seconds": round(seconds, 1), "code": code,
-                         "tail": output[-1500:]})
-        print(f"    -> exit {code} in {seconds:.0f}s", flush=True)
-        self.save()
-        return code
+        return self.finish(self.start(name, cmd, env), limit)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        """Start a phase in the background; `finish` collects it (or stops it at the budget)."""
-        print(f"[{time.strftime('%H:%M:%S')}] {name} (background): {' '.join(cmd)}", flush=True)
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        """Start a phase; `finish` waits for it. A phase started on its own runs in the
+        background beside the next ones."""
         sink = open(self.work / f"{name}.log", "w")
+        # A session of its own, so that a timeout ends the command's workers too.
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         proc.bpfree_phase = (name, cmd, time.monotonic(), sink)  # type: ignore[attr-defined]
         return proc
 
-    def finish(self, proc: subprocess.Popen, margin_s: float = 20) -> int:
+    def finish(self, proc: subprocess.Popen, limit_s: float) -> int:
+        """Wait up to `limit_s` for a started phase, stop it after that (exit code 124), and
+        log and save what it wrote."""
         name, cmd, start, sink = proc.bpfree_phase  # type: ignore[attr-defined]
         try:
-            code = proc.wait(timeout=max(1.0, self.left() - margin_s))
+            code = proc.wait(timeout=max(1.0, limit_s))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -132,7 +113,7 @@ class Phases:
         seconds = time.monotonic() - start
         output = (self.work / f"{name}.log").read_text(errors="replace")
         self.log.append({"phase": name, "cmd": cmd, "seconds": round(seconds, 1), "code": code,
-                         "tail": output[-1500:], "background": True})
+                         "tail": output[-1500:]})
         print(f"    {name} -> exit {code} in {seconds:.0f}s", flush=True)
         self.save()
         return code
@@ -200,6 +181,7 @@ def plan_protocol(phases: Phases, args: argparse.Namespace, data: str, eager: se
     methods = ["--methods", "noprop-dt,backprop-blocks"]
     phases.run("alone", cli("run", *methods, "--seeds", "0", *unit, "--out",
                             str(work / "alone")), 240)
+    print(f"[{time.strftime('%H:%M:%S')}] ff-paper: in the background", flush=True)
     ff = phases.start("ff-paper", cli("run", "--methods", "ff", "--dataset", args.dataset,
                                       "--data-dir", data, "--epochs", str(args.ff_epochs),
                                       "--batch-size", "100", "--device", args.device,
@@ -212,7 +194,7 @@ def plan_protocol(phases: Phases, args: argparse.Namespace, data: str, eager: se
                    cli("evaluate", folder, "--data-dir", data, "--inference-runs", "5",
                        "--device", args.device, "--methods", "noprop-dt",
                        "--set", "sampler=ancestral,mean"), 20)
-    phases.finish(ff, margin_s=25)
+    phases.finish(ff, phases.left() - 25)
     phases.run("report", cli("report", *folders, str(work / "ff-paper"),
                              "--out", str(work / "report")), 20)
 
