@@ -6,13 +6,12 @@ as Markdown, HTML or LaTeX, so the three formats cannot disagree on a number.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .tables import TWIN_KEYS
+from .tables import TWIN_KEYS, setting_values
 
 # A group of rows: the same dataset, network and budget, what a backprop twin shares.
 GROUP_KEYS = TWIN_KEYS
@@ -171,11 +170,8 @@ def accuracy(acc: pd.DataFrame, derived: int = 0) -> Table:
 
 def setting_text(setting: str) -> str:
     """`{"sampler": "mean"}` -> 'sampler=mean'; `{}` -> 'as trained'."""
-    try:
-        values = json.loads(setting)
-    except (TypeError, ValueError):
-        return str(setting)
-    if not isinstance(values, dict):
+    values = setting_values(setting)
+    if values is None:
         return str(setting)
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "as trained"
 

@@ -215,14 +215,21 @@ def evaluation_table(evaluations: pd.DataFrame, summary: pd.DataFrame) -> pd.Dat
     return table.loc[order].reset_index(drop=True)
 
 
-def _setting_order(setting: str) -> str:
-    """A sort key under which `inference_steps=20` comes before `inference_steps=100`: each
-    number is zero-padded, everything else kept as text."""
+def setting_values(setting: str) -> dict[str, Any] | None:
+    """An `evaluations.csv` setting (`{"sampler": "mean"}`) as a dict; None if it is not
+    one (then shown and sorted as its text)."""
     try:
         values = json.loads(setting)
     except (TypeError, ValueError):
-        return str(setting)
-    if not isinstance(values, dict):
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def _setting_order(setting: str) -> str:
+    """A sort key under which `inference_steps=20` comes before `inference_steps=100`: each
+    number is zero-padded, everything else kept as text."""
+    values = setting_values(setting)
+    if values is None:
         return str(setting)
 
     def text(v: Any) -> str:  # `bpfree evaluate` records values as typed: "20" or 20
