@@ -9,9 +9,10 @@ folders, and the reference data (published numbers, the gate's baseline) as
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version  # not `version`: bpfree.version
 
 try:
-    __version__ = version("bpfree")
+    __version__ = _installed_version("bpfree")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bpfree.version import code_version, git_commit
+from bpfree.version import code_digest, code_version, git_commit
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -21,6 +21,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "bpfree": code_version(),
         "git_commit": git_commit(),
+        "code_digest": code_digest(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

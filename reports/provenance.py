@@ -23,11 +23,16 @@ def table(metas: dict[str, dict[str, Any]]) -> Table:
             versions += f", CUDA {meta['cuda']}"
         device = f"{meta.get('device', '?')} ({meta.get('device_name', '?')}, " \
                  f"{meta.get('torch_threads', '?')} threads of {meta.get('cpu_count', '?')} CPUs)"
+        commit = str(meta.get("git_commit", "?"))
+        if meta.get("code_digest"):
+            commit += f" (code {meta['code_digest']})"
         rows.append([Cell(run), Cell(meta.get("command", "?")), Cell(dates),
-                     Cell(meta.get("git_commit", "?")), Cell(device), Cell(versions)])
+                     Cell(commit), Cell(device), Cell(versions)])
     columns = ["run folder", "command", "started (UTC)", "commit", "device", "versions"]
     dirty = any(str(meta.get("git_commit", "")).endswith("-dirty") for meta in metas.values())
-    notes = ["A commit ending in -dirty was run from a tree with uncommitted changes."] if dirty else []
+    notes = (["A commit ending in -dirty was run from a tree with uncommitted changes; the code "
+              "digest in brackets names the code itself: `python -m bpfree.version DIR` prints "
+              "that of the checkout at DIR, to find the commit it matches."] if dirty else [])
     return Table("runs", "Runs", columns, rows, notes)
 
 

@@ -120,3 +120,32 @@ def test_the_recorded_version_names_the_code_that_ran(monkeypatch, tmp_path):
     monkeypatch.setattr(version, "source_checkout", lambda: None)  # an installed wheel
     monkeypatch.setattr(version, "git_commit", lambda: "6218799bac4ba660149dd79cdd99c71dd23cf867")
     assert version.code_version() == "0.1.1.dev90+gd1ca9cf8f"
+
+
+def test_the_code_digest_names_the_code_not_the_tree(tmp_path):
+    """A `-dirty` commit cannot be traced (the device's copy of this repository once carried
+    a stale .git, and its records named the wrong commit); the code digest can: it is that of
+    the package modules alone, equal for the running code and its checkout, changed by a
+    change to any module and by nothing else."""
+    import shutil
+
+    import tomllib
+
+    from bpfree import version
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert version.PACKAGE_DIRS == project["tool"]["setuptools"]["package-dir"]
+    assert version.code_digest() == version.code_digest(root)  # the code that runs is this
+    copy = tmp_path / "checkout"
+    for folder in version.PACKAGE_DIRS.values():
+        shutil.copytree(root / folder, copy / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "evidence", "runs"))
+    before = version.code_digest(copy)
+    assert before == version.code_digest(root)
+    (copy / "results" / "notes.md").write_text("not code")
+    (copy / "bpfree" / "sweeps" / "extra.py").write_text("# a file of no package\n")
+    assert version.code_digest(copy) == before
+    harness = copy / "bpfree" / "harness.py"
+    harness.write_text(harness.read_text() + "\n# one more line\n")
+    assert version.code_digest(copy) != before

@@ -584,6 +584,14 @@ def test_long_variant_labels_leave_every_plot_room_to_draw(tmp_path):
                 Image.open(io.BytesIO(plots.render(plot, records, summary))).verify()
 
 
+def test_a_dirty_commit_is_shown_with_the_code_digest_that_names_it(tmp_path):
+    run = write_run(tmp_path / "run", [unit("backprop", 0, [0.9])],
+                    git_commit="abc123-dirty", code_digest="0123456789abcdef")
+    text = render.markdown(build([run])[0])
+    assert "| abc123-dirty (code 0123456789abcdef) |" in text
+    assert "`python -m bpfree.version DIR`" in text
+
+
 def test_merging_runs_warns_when_device_or_versions_differ(tmp_path):
     a = write_run(tmp_path / "a", [unit("backprop", 0, [0.9])])
     b = write_run(tmp_path / "b", [unit("backprop", 1, [0.8])], torch="2.5.0",
