@@ -129,7 +129,7 @@ def test_the_code_digest_names_the_code_not_the_tree(tmp_path):
     change to any module and by nothing else."""
     import shutil
 
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     from bpfree import version
 
