@@ -103,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.check_seeds(seeds)
     options.check_val_fraction(args.val_fraction)
     options.check_target_acc(args.target_acc)
-    options.at_least("--inference-runs", args.inference_runs)
+    inference_runs = options.at_least("--inference-runs", args.inference_runs
+                                      if args.inference_runs is not None else suite.inference_runs)
     preset_set, per_method = parse_sets([p for group in args.set for p in group], methods)
     preset = preset_set.get("preset", suite.preset)
     from bpfree.tune import TUNED_DIR, resolve_preset  # preset=tuned: the tuned values
@@ -123,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     units += twins
     device = resolve_device(args.device)
     budget = Budget(epochs=epochs, batch_size=batch_size, device=args.device,
-                    target_accuracy=args.target_acc, inference_runs=args.inference_runs,
+                    target_accuracy=args.target_acc, inference_runs=inference_runs,
                     keep_model=args.save_model)
     # The data is loaded (and checked) before any folder is made for it.
     data = load_dataset(dataset, args.data_dir, args.download, args.val_fraction)
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       for u in twins],
             "epochs": epochs,
             "batch_size": batch_size, "device": args.device, "val_fraction": args.val_fraction,
-            "target_acc": args.target_acc, "inference_runs": args.inference_runs}
+            "target_acc": args.target_acc, "inference_runs": inference_runs}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     run_dir = Path(args.out) if args.out else Path("results/runs") / f"{args.suite or 'quick'}-{dataset}-{digest}"
     start_run(run_dir, spec, "bpfree " + " ".join(sys.argv[1:]), environment(device), RUN_BUDGET)
@@ -321,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-fraction", type=float, default=0.0,
                      help="carve a stratified validation split of this fraction from train")
     run.add_argument("--target-acc", type=float, help="accuracy for time-to-target (default per dataset)")
-    run.add_argument("--inference-runs", type=int, default=1,
+    run.add_argument("--inference-runs", type=int,
                      help="evaluation passes averaged for methods whose prediction samples "
-                          "(NoProp: the paper uses 5); recorded as mean and standard error")
+                          "(NoProp: the paper uses 5); recorded as mean and standard error "
+                          "(default: the suite's; 5 for paper-mnist, else 1)")
     run.add_argument("--save-model", action="store_true",
                      help="keep each unit's trained model in model.pt, for `bpfree evaluate`")
     run.add_argument("--tuned-dir", help="folder of tuned presets for --set preset=tuned (what "

@@ -91,6 +91,22 @@ def test_inference_runs_are_averaged_and_evaluate_reproduces_them(tmp_path, caps
         recorded["noprop-dt"], abs=1e-12)
 
 
+def test_the_paper_suite_evaluates_by_the_papers_protocol(tmp_path, capsys):
+    """`--suite paper-mnist` (and the sweep file of the same comparison) evaluate a sampling
+    method 5 times per seed, the NoProp paper's protocol, unless --inference-runs says
+    otherwise."""
+    from bpfree.sweep import load_sweep
+
+    common = ["--methods", "noprop-dt", "--dataset", "synthetic", "--epochs", "1", "--seeds",
+              "0", "--set", "preset=quick", "--device", "cpu"]
+    for extra, runs in (([], 5), (["--inference-runs", "2"], 2)):
+        out = tmp_path / f"paper{runs}"
+        assert main(["run", "--suite", "paper-mnist", *common, *extra, "--out", str(out)]) == 0
+        assert pd.read_csv(out / "records.csv")["inference_runs"].tolist() == [runs]
+    assert load_sweep("noprop-mnist").inference_runs == 5
+    capsys.readouterr()
+
+
 def test_evaluate_refuses_training_settings_and_unsaved_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--methods", "backprop", "--dataset", "synthetic", "--epochs", "1",
