@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 
 import pandas as pd
 import torch
+from bpfree.methods import get_method
 from torch import nn
 
 from bpfree.cost import build_method, matmul_flops_per_s
 from bpfree.harness import measure_costs
 from bpfree.measure import count_flops
+from bpfree.provenance import cpu_name
 from bpfree.version import git_commit
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    blocks = build_method("noprop-dt", "mnist", CPU, 1, "paper")[0].config.T
+    blocks = get_method("noprop-dt").config_for("paper").T
     variants = {"step": step_variant(args.batch, {}),
                 "step, no dropout": step_variant(args.batch, {"dropout": 0.0}),
                 "convolutions": conv_variant(blocks, args.batch)}
@@ -103,17 +104,6 @@ def main() -> int:
     if args.out:
         frame.to_csv(args.out, index=False)
     return 0
-
-
-def cpu_name() -> str:
-    """The CPU's model name where Linux says it, else the architecture."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

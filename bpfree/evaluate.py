@@ -35,7 +35,15 @@ from bpfree.data import Dataset, load_dataset
 from bpfree.harness import build_method, evaluate, mean_and_se, resolve_device
 from bpfree.methods import ConfigError, get_method
 from bpfree.methods.base import make_config
-from bpfree.records import COMPLETE, RecordsError, read_json, read_unit, unit_dirs, write_csv
+from bpfree.records import (
+    COMPLETE,
+    RecordsError,
+    latest_evaluations,
+    read_json,
+    read_unit,
+    unit_dirs,
+    write_csv,
+)
 
 # Settings that change inference only: anything else would not match the trained weights.
 INFERENCE_KEYS = ("inference_steps", "sampler", "step")
@@ -176,7 +184,6 @@ def evaluate_run(run_dir: Path, pairs: list[str], inference_runs: int, data_dir:
     frame = pd.DataFrame(rows)
     out = run_dir / "evaluations.csv"
     if out.is_file():
-        frame = pd.concat([pd.read_csv(out), frame], ignore_index=True).drop_duplicates(
-            subset=["unit", "setting", "inference_runs"], keep="last", ignore_index=True)
+        frame = latest_evaluations(pd.concat([pd.read_csv(out), frame], ignore_index=True))
     write_csv(out, frame)
     return frame.tail(len(rows))

@@ -151,6 +151,16 @@ SUMMARY_FIELDS = (*IDENTITY_FIELDS, "status", "epochs_done", "final_test_acc", "
                   "peak_mem_kind")
 
 
+# What identifies a row of RUN_DIR/evaluations.csv (`bpfree evaluate`): a unit evaluated again
+# under the same setting and number of runs is the same (seeded) measurement.
+EVALUATION_KEY = ("unit", "setting", "inference_runs")
+
+
+def latest_evaluations(frame: pd.DataFrame) -> pd.DataFrame:
+    """evaluations.csv's rows with each evaluation once: its last row."""
+    return frame.drop_duplicates(list(EVALUATION_KEY), keep="last", ignore_index=True)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; RecordsError names the file if it is not one."""
     try:

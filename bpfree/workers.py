@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import platform
 import signal
 import socket
 import threading
@@ -30,6 +29,7 @@ import torch
 from bpfree.data import Dataset, load_dataset
 from bpfree.harness import Budget, run_unit
 from bpfree.methods import ConfigError
+from bpfree.provenance import device_name
 from bpfree.records import LOCK_NAME, RecordsError, exclusive, write_json
 
 if TYPE_CHECKING:
@@ -85,9 +85,7 @@ def execute(unit: SweepUnit, ctx: Context, attempt: int) -> dict[str, Any]:
             write_json(unit_dir / "worker.json", {
                 "attempt": attempt, "executor": ctx.executor, "host": socket.gethostname(),
                 "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-                "device_name": (torch.cuda.get_device_name() if ctx.device == "cuda"
-                                and torch.cuda.is_available()
-                                else platform.processor() or platform.machine()),
+                "device_name": device_name("cuda" if ctx.device == "cuda" else "cpu"),
                 "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "lock_wait_s": round(waited, 3),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

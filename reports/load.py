@@ -18,6 +18,7 @@ from bpfree.records import (
     SUMMARY_FIELDS,
     RecordsError,
     Status,
+    latest_evaluations,
     read_json,
     read_unit,
     unit_dirs,
@@ -25,7 +26,7 @@ from bpfree.records import (
 
 RECORD_COLUMNS = ("unit", "method", "dataset", "seed", "epoch", "test_acc", "cum_time_s",
                   "cum_train_flops")
-# What `bpfree evaluate` writes to RUN_DIR/evaluations.csv, and a report reads.
+# What a report reads of `bpfree evaluate`'s RUN_DIR/evaluations.csv.
 EVALUATION_COLUMNS = ("unit", "setting", "val_acc", "val_acc_se", "test_acc", "test_acc_se",
                       "inference_runs")
 
@@ -80,8 +81,7 @@ def read_evaluations(run_dir: Path) -> pd.DataFrame:
         if not pd.api.types.is_numeric_dtype(frame[column]) and frame[column].notna().any():
             raise RecordsError(f"{path}: column {column} holds non-numbers: corrupt; delete it "
                                f"and run `bpfree evaluate` again")
-    frame = frame.drop_duplicates(["unit", "setting", "inference_runs"], keep="last")
-    return frame.assign(run=str(run_dir)).reset_index(drop=True)
+    return latest_evaluations(frame).assign(run=str(run_dir))
 
 
 def _progress(rec: pd.DataFrame | None) -> dict[str, Any]:
